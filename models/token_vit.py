@@ -1,0 +1,168 @@
+"""The timm ``VisionTransformer`` every token-reduction family subclasses.
+
+What changes against timm's class is only what token reduction forces:
+
+* blocks take and return ``(x, sources)``: ``sources`` (see ``layers.sources``) records which current token carries
+  each position of the patch grid. It is tracked only when dense maps are asked for (``forward_intermediates``,
+  ``features_only``), so the classification path pays nothing for it;
+* ``forward_intermediates`` restores every requested block's tokens onto the full patch grid (DESIGN contract 5);
+* ``token_counts`` asks each block how many patch tokens it outputs, the same function the block's forward uses, so
+  the reported counts cannot drift from what runs;
+* any input size that is a multiple of the patch size works: the position embedding is resampled when the grid
+  differs from the one it was trained at, and used as is otherwise (timm resamples even at equal size while
+  exporting, which would put a needless Resize into every ONNX graph; our graphs are specialized to one input size
+  anyway, because token counts depend on it).
+
+A block used with this class implements::
+
+    forward(x: Tensor, sources: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]
+    num_patch_tokens_out(num_patch_tokens: int) -> int
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models import VisionTransformer, checkpoint
+from timm.models.vision_transformer import feature_take_indices  # what timm's own ViT selects indices with
+
+from .layers import identity_sources, restore
+
+__all__ = ["TokenVisionTransformer", "to_2tuple_size"]
+
+
+def to_2tuple_size(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(H, W) from an int or a pair, with a clear error for anything else."""
+    if isinstance(img_size, int):
+        return img_size, img_size
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        return int(img_size[0]), int(img_size[1])
+    raise ValueError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
+
+
+class TokenVisionTransformer(VisionTransformer):
+    """timm ViT whose blocks reduce tokens; see the module docstring for what differs."""
+
+    def __init__(self, **kwargs) -> None:
+        if kwargs.get("patch_drop_rate", 0.0):
+            raise ValueError("patch_drop_rate must be 0 for token-reduction models: patch dropout and token "
+                             "reduction both decide which tokens survive and would undo each other's bookkeeping")
+        if kwargs.get("dynamic_img_pad", False):
+            raise ValueError("dynamic_img_pad is not supported: inputs must be multiples of the patch size")
+        super().__init__(dynamic_img_size=True, **kwargs)
+
+    def grid_size(self, img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+        """Patch grid for an input size, or ValueError when the size is not a multiple of the patch size."""
+        height, width = to_2tuple_size(img_size)
+        ph, pw = self.patch_embed.patch_size
+        if height <= 0 or width <= 0 or height % ph or width % pw:
+            raise ValueError(f"input size {height}x{width} is not allowed: height and width must be positive "
+                             f"multiples of the patch size {ph}x{pw} (e.g. {ph * 14}x{pw * 14})")
+        return height // ph, width // pw
+
+    def token_counts(self, img_size: Optional[Union[int, Sequence[int]]] = None) -> List[int]:
+        """Patch tokens in each block's output for an input size, without running the model.
+
+        Prefix (CLS) tokens are not counted; a fused or merged token counts once.
+
+        Args:
+            img_size: Input size; the model's default input size when None.
+        """
+        gh, gw = self.grid_size(self.patch_embed.img_size if img_size is None else img_size)
+        counts, num_tokens = [], gh * gw
+        for blk in self.blocks:
+            num_tokens = blk.num_patch_tokens_out(num_tokens)
+            counts.append(num_tokens)
+        return counts
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) patch embeddings -> (B, prefix + H * W, C) tokens with position embedding."""
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:
+            return self.pos_drop(torch.cat(prefix + [x], dim=1))
+        pos_embed = self.pos_embed
+        if (H, W) != tuple(self.patch_embed.grid_size):
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+        if self.no_embed_class:
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.grid_size(tuple(x.shape[-2:]))  # clear error before any compute
+        x = self.patch_embed(x)
+        return self.norm_pre(self._pos_embed(x))
+
+    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, sources: Optional[torch.Tensor]):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(blk, x, sources)
+        return blk(x, sources)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        for blk in self.blocks:
+            x, _ = self._run_block(blk, x, None)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns full-resolution maps of the requested blocks.
+
+        Each map has one entry per patch-grid position: a kept token at its own position, a merged or fused token at
+        every position it carries, and a position no current token carries at the value it had in the last block
+        output that still carried it.
+
+        Args:
+            x: Images, (B, 3, H, W) with H and W multiples of the patch size.
+            indices: Last n blocks if an int, all if None, those listed if a sequence (negative from the end).
+            return_prefix_tokens: Also return each block's prefix (CLS) tokens, as (map, prefix) pairs.
+            norm: Apply the final norm to the maps.
+            stop_early: Stop after the last requested block.
+            output_fmt: 'NCHW' for (B, C, H/p, W/p) maps, 'NLC' for (B, H/p * W/p, C).
+            intermediates_only: Return only the maps.
+
+        Returns:
+            The maps, or (final features, maps); the final features are those of ``forward_features``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        gh, gw = self.grid_size((height, width))
+        num_prefix = self.num_prefix_tokens
+
+        x = self._embed(x)
+        sources = identity_sources(B, gh * gw, x.device)
+        grid = x[:, num_prefix:]
+        maps, prefixes = [], []
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        for i, blk in enumerate(blocks):
+            x, sources = self._run_block(blk, x, sources)
+            # The grid is refreshed after every block so a dropped position keeps its last value.
+            grid = restore(x[:, num_prefix:], sources, previous=grid)
+            if i in take_indices:
+                maps.append(self.norm(grid) if norm else grid)
+                prefixes.append(x[:, :num_prefix])
+
+        if output_fmt == "NCHW":
+            maps = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if return_prefix_tokens and num_prefix:
+            maps = list(zip(maps, prefixes))
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps

@@ -1,0 +1,37 @@
+"""Shared fixtures and the `slow` marker (slow tests run by default; `-m "not slow"` skips them)."""
+from typing import Dict, List
+
+import pytest
+import torch
+
+import tokenzoo  # noqa: F401  registers the families with timm
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def record_block_outputs(model: torch.nn.Module) -> List[int]:
+    """Patch-token count of each block's output, filled in as the model runs (reads what actually ran)."""
+    counts: List[int] = []
+
+    def hook(module: torch.nn.Module, args, output) -> None:
+        tokens = output[0] if isinstance(output, tuple) else output
+        counts.append(tokens.shape[1] - model.num_prefix_tokens)
+
+    for blk in model.blocks:
+        blk.register_forward_hook(hook)
+    return counts
+
+
+@pytest.fixture
+def deit_state_dicts() -> Dict[str, Dict[str, torch.Tensor]]:
+    """Random-init timm DeiT state dicts by size, standing in for the weights this machine cannot download."""
+    import timm
+
+    return {size: timm.create_model(f"deit_{size}_patch16_224").state_dict() for size in ("tiny", "small")}

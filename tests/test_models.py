@@ -1,0 +1,86 @@
+"""Generic tests over every model tokenzoo registers (in the spirit of timm's tests/test_models.py).
+
+A family is covered the moment it registers. Tiny inputs keep the suite quick; the full-size models run in a few
+targeted tests and in tools/benchmark.py.
+"""
+import pytest
+import timm
+import torch
+
+import tokenzoo
+from conftest import record_block_outputs
+
+MODELS = tokenzoo.list_models()
+SMALL_INPUT = (2, 3, 64, 96)  # non-square, a multiple of 16, far from the default 224
+
+
+def test_every_family_registers() -> None:
+    assert {"evit_tiny", "evit_small", "evit_base"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_reaches_every_parameter(name: str) -> None:
+    model = timm.create_model(name, num_classes=10)
+    out = model(torch.randn(SMALL_INPUT))
+    assert out.shape == (SMALL_INPUT[0], 10)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_intermediates_full_grid_and_final_output(name: str) -> None:
+    model = timm.create_model(name).eval()
+    x = torch.randn(SMALL_INPUT)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        features = model.forward_features(x)
+        nlc = model.forward_intermediates(x, indices=[-1], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(final, features, rtol=0, atol=0)
+    grid = (SMALL_INPUT[2] // 16, SMALL_INPUT[3] // 16)
+    assert len(maps) == len(model.blocks)
+    assert all(m.shape == (SMALL_INPUT[0], model.embed_dim, *grid) for m in maps)
+    assert nlc[0].shape == (SMALL_INPUT[0], grid[0] * grid[1], model.embed_dim)
+    torch.testing.assert_close(nlc[0], maps[-1].flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_matches_feature_info(name: str) -> None:
+    out_indices = (1, 5, -1)
+    model = timm.create_model(name, features_only=True, out_indices=out_indices).eval()
+    with torch.no_grad():
+        features = model(torch.randn(SMALL_INPUT))
+    assert len(features) == len(out_indices)
+    for feature, channels, stride in zip(features, model.feature_info.channels(), model.feature_info.reduction()):
+        assert feature.shape == (SMALL_INPUT[0], channels, SMALL_INPUT[2] // stride, SMALL_INPUT[3] // stride)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_token_counts_match_forward(name: str) -> None:
+    model = timm.create_model(name).eval()
+    ran = record_block_outputs(model)
+    with torch.no_grad():
+        model(torch.randn(SMALL_INPUT))
+    assert ran == model.token_counts(SMALL_INPUT[2:])
+    assert ran[-1] < ran[0], "the default setting must reduce tokens"
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if "tiny" in n])
+def test_batch_independence(name: str) -> None:
+    model = timm.create_model(name).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_input_not_multiple_of_patch_is_rejected(name: str) -> None:
+    model = timm.create_model(name)
+    with pytest.raises(ValueError, match="multiples of the patch size 16x16"):
+        model(torch.randn(1, 3, 225, 224))
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        model.token_counts(225)
