@@ -27,15 +27,14 @@ Differences from the official code, and why:
 import math
 from functools import partial
 from numbers import Real
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block, checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
 
-from .layers import TokenAttention, compose_sources, destination_of_kept, keep_topk
-from .token_vit import TokenVisionTransformer
+from .layers import TokenAttention, TokenRecord, compose_sources, destination_of_kept, keep_topk
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
 
 __all__ = ["EViT", "EViTBlock", "keep_rate_schedule"]
 
@@ -58,24 +57,26 @@ class EViTBlock(Block):
         num_kept = self.num_kept(num_patch_tokens)
         return num_kept + int(self.fuse_token) if num_kept < num_patch_tokens else num_patch_tokens
 
-    def forward(
-            self, x: torch.Tensor, sources: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Tokens (B, prefix + N, C) -> (B, prefix + N_out, C), and ``sources`` (B, P) followed through the block."""
+    def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
+        """Tokens (B, prefix + N, C) -> (B, prefix + N_out, C), and the record followed through the block.
+
+        EViT does not weight tokens by size (a fused token is a plain sum), so the record's sizes stay untouched.
+        """
         num_prefix = self.num_prefix_tokens
         num_patch = x.shape[1] - num_prefix
         num_kept = self.num_kept(num_patch)
         if num_kept == num_patch:
-            return super().forward(x), sources
+            return super().forward(x), record
 
         attn_out, cls_attn = self.attn.forward_with_cls_attn(self.norm1(x), num_prefix)
         x = x + self.drop_path1(self.ls1(attn_out))
         patches, keep_index = keep_topk(x[:, num_prefix:], cls_attn, num_kept, self.fuse_token)
         x = torch.cat([x[:, :num_prefix], patches], dim=1)
-        if sources is not None:
-            sources = compose_sources(sources, destination_of_kept(keep_index, num_patch), patches.shape[1])
+        if record.sources is not None:
+            destination = destination_of_kept(keep_index, num_patch)
+            record = record._replace(sources=compose_sources(record.sources, destination, patches.shape[1]))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, sources
+        return x, record
 
 
 def _check_keep_rate(keep_rate: Any) -> float:
@@ -141,43 +142,14 @@ def keep_rate_schedule(epoch: float, target: float, start_epoch: float = 10, dec
     return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: EViT) -> Dict[str, torch.Tensor]:
-    """EViT adds no parameters: DeiT checkpoints and the official EViT checkpoints (timm key names, weights under
-    'model') go through timm's ViT filter, which also resamples the position embedding to the model's grid."""
-    return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
-
-
-def _cfg(deit_name: str, **kwargs) -> Dict[str, Any]:
-    return {
-        "hf_hub_id": f"timm/{deit_name}.fb_in1k",
-        "url": f"https://dl.fbaipublicfiles.com/deit/{deit_name}.pth",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
-        "license": "apache-2.0", "paper_ids": "arXiv:2202.07800", "paper_name": "EViT (ICLR 2022)",
-        "origin_url": "https://github.com/facebookresearch/deit",
-        "notes": ("DeiT ImageNet-1k weights used as is (EViT adds no parameters). The paper fine-tunes them with "
-                  "token reorganization; without that, accuracy at keep rate 0.7 is below the paper's figures.",),
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    "evit_tiny.deit_in1k": _cfg("deit_tiny_patch16_224-a1311bcf"),
-    "evit_small.deit_in1k": _cfg("deit_small_patch16_224-cd65a155"),
-    "evit_base.deit_in1k": _cfg("deit_base_patch16_224-b5f2ef4d"),
+    f"evit_{size}.deit_in1k": deit_weights_cfg(size, paper_ids="arXiv:2202.07800", paper_name="EViT")
+    for size in ("tiny", "small", "base")
 })
 
 
 def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        EViT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_token_vit(EViT, variant, pretrained, **kwargs)
 
 
 @register_model

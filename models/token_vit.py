@@ -2,9 +2,9 @@
 
 What changes against timm's class is only what token reduction forces:
 
-* blocks take and return ``(x, sources)``: ``sources`` (see ``layers.sources``) records which current token carries
-  each position of the patch grid. It is tracked only when dense maps are asked for (``forward_intermediates``,
-  ``features_only``), so the classification path pays nothing for it;
+* blocks take and return ``(x, record)``: a ``TokenRecord`` (see ``layers.record``) of token sizes and of which
+  current token carries each position of the patch grid. Sources are tracked only when dense maps are asked for
+  (``forward_intermediates``, ``features_only``), so the classification path pays nothing for them;
 * ``forward_intermediates`` restores every requested block's tokens onto the full patch grid (DESIGN contract 5);
 * ``token_counts`` asks each block how many patch tokens it outputs, the same function the block's forward uses, so
   the reported counts cannot drift from what runs;
@@ -15,19 +15,26 @@ What changes against timm's class is only what token reduction forces:
 
 A block used with this class implements::
 
-    forward(x: Tensor, sources: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]
+    forward(x: Tensor, record: TokenRecord) -> Tuple[Tensor, TokenRecord]
     num_patch_tokens_out(num_patch_tokens: int) -> int
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
-from timm.models import VisionTransformer, checkpoint
-from timm.models.vision_transformer import feature_take_indices  # what timm's own ViT selects indices with
+from timm.models import VisionTransformer, build_model_with_cfg, checkpoint
+from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_indices
 
-from .layers import identity_sources, restore
+from .layers import TokenRecord, identity_sources, restore
 
-__all__ = ["TokenVisionTransformer", "to_2tuple_size"]
+__all__ = ["TokenVisionTransformer", "build_token_vit", "deit_checkpoint_filter", "deit_weights_cfg", "to_2tuple_size"]
+
+DEIT_FILES = {
+    "tiny": "deit_tiny_patch16_224-a1311bcf",
+    "small": "deit_small_patch16_224-cd65a155",
+    "base": "deit_base_patch16_224-b5f2ef4d",
+}
 
 
 def to_2tuple_size(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -97,15 +104,15 @@ class TokenVisionTransformer(VisionTransformer):
         x = self.patch_embed(x)
         return self.norm_pre(self._pos_embed(x))
 
-    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, sources: Optional[torch.Tensor]):
+    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, record: TokenRecord) -> Tuple[torch.Tensor, TokenRecord]:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, sources)
-        return blk(x, sources)
+            return checkpoint(blk, x, record)
+        return blk(x, record)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
+        x, record = self._embed(x), TokenRecord()
         for blk in self.blocks:
-            x, _ = self._run_block(blk, x, None)
+            x, record = self._run_block(blk, x, record)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,14 +154,14 @@ class TokenVisionTransformer(VisionTransformer):
         num_prefix = self.num_prefix_tokens
 
         x = self._embed(x)
-        sources = identity_sources(B, gh * gw, x.device)
+        record = TokenRecord(sources=identity_sources(B, gh * gw, x.device))
         grid = x[:, num_prefix:]
         maps, prefixes = [], []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         for i, blk in enumerate(blocks):
-            x, sources = self._run_block(blk, x, sources)
+            x, record = self._run_block(blk, x, record)
             # The grid is refreshed after every block so a dropped position keeps its last value.
-            grid = restore(x[:, num_prefix:], sources, previous=grid)
+            grid = restore(x[:, num_prefix:], record.sources, previous=grid)
             if i in take_indices:
                 maps.append(self.norm(grid) if norm else grid)
                 prefixes.append(x[:, :num_prefix])
@@ -166,3 +173,42 @@ class TokenVisionTransformer(VisionTransformer):
         if intermediates_only:
             return maps
         return self.norm(x), maps
+
+
+def deit_checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Checkpoint filter of the parameter-free families: DeiT checkpoints (and those of the papers' official code,
+    which keep timm's key names, weights under 'model') go through timm's ViT filter, which also resamples the
+    position embedding to the model's grid."""
+    return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+
+
+def deit_weights_cfg(size: str, paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a parameter-free family that reuses the DeiT ImageNet-1k weights of ``size`` as they are."""
+    name = DEIT_FILES[size]
+    return {
+        "hf_hub_id": f"timm/{name.rsplit('-', 1)[0]}.fb_in1k",
+        "url": f"https://dl.fbaipublicfiles.com/deit/{name}.pth",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "apache-2.0", "paper_ids": paper_ids, "paper_name": paper_name,
+        "origin_url": "https://github.com/facebookresearch/deit",
+        "notes": (f"DeiT-{size} ImageNet-1k weights used as they are ({paper_name} adds no parameters); the paper's "
+                  "accuracy figures are for its own training or fine-tuning, not for these weights.",),
+        **kwargs,
+    }
+
+
+def build_token_vit(
+        model_cls: Type[TokenVisionTransformer], variant: str, pretrained: bool = False, **kwargs,
+) -> TokenVisionTransformer:
+    """``build_model_with_cfg`` for a family: pretrained loading through timm, ``features_only`` through
+    ``forward_intermediates`` (timm's 'getter' feature wrapper)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=deit_checkpoint_filter,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )

@@ -1,4 +1,7 @@
-"""EViT: equality with DeiT at keep rate 1, the paper's token counts, dense restore, settings and bad input."""
+"""EViT: the paper's token counts, dense restore, the keep-rate schedule, settings and bad input.
+
+Equality with DeiT at keep rate 1 and loading DeiT weights are tested for every family in test_models.py.
+"""
 import math
 
 import pytest
@@ -10,30 +13,6 @@ from tokenzoo.evit import keep_rate_schedule
 
 PAPER_COUNTS = [196, 196, 196, 139, 139, 139, 99, 99, 99, 71, 71, 71]
 PAPER_COUNTS_NO_FUSE = [196, 196, 196, 138, 138, 138, 97, 97, 97, 68, 68, 68]
-
-
-@pytest.mark.parametrize("size", ["tiny", "small"])
-def test_keep_rate_one_equals_timm_deit(size: str, deit_state_dicts) -> None:
-    deit = timm.create_model(f"deit_{size}_patch16_224").eval()
-    deit.load_state_dict(deit_state_dicts[size])
-    evit = timm.create_model(f"evit_{size}", keep_rate=1.0).eval()
-    evit.load_state_dict(deit_state_dicts[size], strict=True)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert (evit(x) - deit(x)).abs().max() < 1e-5
-        # and at another input size, where both resample the position embedding
-        deit_dyn = timm.create_model(f"deit_{size}_patch16_224", dynamic_img_size=True).eval()
-        deit_dyn.load_state_dict(deit_state_dicts[size])
-        x = torch.randn(1, 3, 160, 256)
-        assert (evit(x) - deit_dyn(x)).abs().max() < 1e-5
-
-
-def test_pretrained_loads_a_local_deit_file_through_timm(tmp_path, deit_state_dicts) -> None:
-    path = tmp_path / "deit_tiny.pth"
-    torch.save({"model": deit_state_dicts["tiny"]}, path)  # the layout of the official DeiT release
-    evit = timm.create_model("evit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    for key, value in deit_state_dicts["tiny"].items():
-        torch.testing.assert_close(evit.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_paper_token_counts_at_224() -> None:

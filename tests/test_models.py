@@ -11,14 +11,19 @@ import tokenzoo
 from conftest import record_block_outputs
 
 MODELS = tokenzoo.list_models()
-SMALL_INPUT = (2, 3, 64, 96)  # non-square, a multiple of 16, far from the default 224
+# The setting that switches each family's reduction off; a new family adds its entry here.
+ZERO_REDUCTION = {"evit": dict(keep_rate=1.0), "tome": dict(r=0), "mctf": dict(r=0), "mctf_fast": dict(r=0)}
+TINY_MODELS = [name for name in MODELS if name.endswith("_tiny")]
+# Non-square and off the default 224, yet large enough for every family's default schedule (ToMe removes 156 tokens).
+SMALL_INPUT = (2, 3, 224, 256)
 
 
 def test_every_family_registers() -> None:
-    assert {"evit_tiny", "evit_small", "evit_base"} <= set(MODELS)
+    for family in ("evit", "tome", "mctf", "mctf_fast"):
+        assert {f"{family}_{size}" for size in ("tiny", "small", "base")} <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_forward_backward_reaches_every_parameter(name: str) -> None:
     model = timm.create_model(name, num_classes=10)
     out = model(torch.randn(SMALL_INPUT))
@@ -30,7 +35,7 @@ def test_forward_backward_reaches_every_parameter(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_forward_intermediates_full_grid_and_final_output(name: str) -> None:
     model = timm.create_model(name).eval()
     x = torch.randn(SMALL_INPUT)
@@ -46,7 +51,7 @@ def test_forward_intermediates_full_grid_and_final_output(name: str) -> None:
     torch.testing.assert_close(nlc[0], maps[-1].flatten(2).transpose(1, 2), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_features_only_matches_feature_info(name: str) -> None:
     out_indices = (1, 5, -1)
     model = timm.create_model(name, features_only=True, out_indices=out_indices).eval()
@@ -62,25 +67,56 @@ def test_token_counts_match_forward(name: str) -> None:
     model = timm.create_model(name).eval()
     ran = record_block_outputs(model)
     with torch.no_grad():
-        model(torch.randn(SMALL_INPUT))
+        model(torch.randn(1, *SMALL_INPUT[1:]))
     assert ran == model.token_counts(SMALL_INPUT[2:])
     assert ran[-1] < ran[0], "the default setting must reduce tokens"
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if "tiny" in n])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_batch_independence(name: str) -> None:
     model = timm.create_model(name).eval()
-    x = torch.randn(3, 3, 64, 64)
+    x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         together = model(x)
         alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_input_not_multiple_of_patch_is_rejected(name: str) -> None:
     model = timm.create_model(name)
     with pytest.raises(ValueError, match="multiples of the patch size 16x16"):
         model(torch.randn(1, 3, 225, 224))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         model.token_counts(225)
+
+
+def test_every_family_says_how_to_switch_reduction_off() -> None:
+    assert {name.rsplit("_", 1)[0] for name in MODELS} == set(ZERO_REDUCTION)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if not n.endswith("_base")])
+def test_zero_reduction_equals_timm_deit(name: str, deit_state_dicts) -> None:
+    family, size = name.rsplit("_", 1)
+    deit = timm.create_model(f"deit_{size}_patch16_224").eval()
+    deit.load_state_dict(deit_state_dicts[size])
+    model = timm.create_model(name, **ZERO_REDUCTION[family]).eval()
+    model.load_state_dict(deit_state_dicts[size], strict=True)
+    assert model.token_counts(224) == [196] * 12
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - deit(x)).abs().max() < 1e-5
+        # at another input size too, where both resample the position embedding
+        deit_dynamic = timm.create_model(f"deit_{size}_patch16_224", dynamic_img_size=True).eval()
+        deit_dynamic.load_state_dict(deit_state_dicts[size])
+        x = torch.randn(1, 3, 160, 256)
+        assert (model(x) - deit_dynamic(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_pretrained_loads_a_local_deit_file_through_timm(name: str, tmp_path, deit_state_dicts) -> None:
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": deit_state_dicts["tiny"]}, path)  # the layout of the official DeiT release
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in deit_state_dicts["tiny"].items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)

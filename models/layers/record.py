@@ -1,4 +1,9 @@
-"""Where each patch position of the input grid lives now, and how to restore a full-resolution map from it.
+"""The record of where each current token came from, and how to restore a full-resolution map from it.
+
+``TokenRecord`` travels beside the tokens from block to block: token sizes (how many input tokens each current token
+stands for, for size-weighted merging and proportional attention) and ``sources`` (which current token carries each
+patch position). Either is None while nobody needs it: sizes until the first merge, sources unless dense maps are
+asked for, so the classification path pays nothing for them.
 
 A reduction step turns N_old patch tokens into N_new. It describes what it did with one index tensor, ``destination``
 (B, N_old): the new token each old token went into. An old token that went into no token (dropped without being fused)
@@ -8,11 +13,23 @@ token count when none does. ``restore`` gathers the current tokens back onto the
 
 Everything is a gather with index tensors: static shapes, no scatter_reduce, exportable.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["identity_sources", "compose_sources", "destination_of_kept", "restore"]
+__all__ = ["TokenRecord", "identity_sources", "compose_sources", "destination_of_kept", "restore"]
+
+
+class TokenRecord(NamedTuple):
+    """Immutable per-token bookkeeping; a block returns a new record (``record._replace(...)``), never mutates one.
+
+    Attributes:
+        size: (B, N, 1) input tokens each current token (prefix included) stands for; None means all ones.
+        sources: (B, P) current patch-token index per patch-grid position (N_patch means none); None when not tracked.
+    """
+
+    size: Optional[torch.Tensor] = None
+    sources: Optional[torch.Tensor] = None
 
 
 def identity_sources(batch_size: int, num_patches: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""MCTF: multi-criteria token fusion with one-step-ahead attention.
+
+Paper: "Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision Transformers", Sanghyeok Lee
+et al., CVPR 2024 - https://arxiv.org/abs/2403.10030
+Official code: https://github.com/mlvlab/MCTF
+
+A reducing block fuses r tokens at its start, before attention (Sec. 3.4, "one-step-ahead attention"): it computes
+its own attention on the unreduced tokens (q and k only), scores (A, B) pairs by similarity x informativeness x size,
+each to the power 1 / tau (Eq. 3-6; tau_sim 1, tau_info 20, tau_size 40), fuses by bidirectional bipartite matching
+(r // 2 tokens A to B, the rest B to the A tokens that stayed; CLS protected), with each fused token the average of
+its parts weighted by attention received x size, and sizes adding up. The attention matrix is fused the same way and
+reused for the block's output (v is computed on the fused tokens), not recomputed. Proportional attention (log size
+added to the logits) is on. Defaults: r = 16 at blocks 1-11, which takes DeiT-S at 224 through
+[197, 181, 165, ..., 37, 21] tokens (CLS included); MCTF-Fast fuses 35% of the patch tokens at blocks 3, 6 and 9
+([197, 197, 197, 129, 129, 129, 85, 85, 85, 56, 56, 56]). ``consistency_training_loss`` is the paper's
+token-reduction consistency training objective.
+
+Differences from the official code, and why:
+
+* The per-block r is a model setting (``set_r``), sizes travel in the immutable ``TokenRecord``; the official code
+  keeps them in per-forward mutable state and runs the two training branches inside one forward.
+  ``consistency_training_loss`` runs them as two forwards of the same weights, which is the same computation.
+* Fusion sums with ``scatter_add`` (or a one-hot matrix product, ``scatter_free=True``) and divides, instead of
+  ``scatter_reduce``, whose 'mean' exports to ONNX with wrong results.
+* The floor of 10 remaining tokens is applied after a ratio r is turned into a token count (the official code
+  compares the ratio itself); the two agree wherever the floor matters at the paper's settings (never at 224).
+* DeiT-B uses the DeiT-S/T setting (r = 16): the official code ships no DeiT-B schedule.
+* Dense maps (not in the paper): a fused token is copied back to every position it stands for.
+"""
+from functools import partial
+from numbers import Integral, Real
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+
+from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, fuse_attention,
+                     merge_sum, merge_weighted_average, multi_criteria_scores, received_attention, size_bias)
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+
+__all__ = ["MCTF", "MCTFBlock", "consistency_training_loss"]
+
+MIN_TOKENS = 10  # the official code never fuses below 10 tokens (CLS included)
+
+
+class MCTFBlock(Block):
+    """timm ``Block`` (same state-dict keys) that fuses ``r`` tokens at its start with one-step-ahead attention."""
+
+    def __init__(
+            self,
+            *args,
+            tau_sim: float = 1.0,
+            tau_info: float = 20.0,
+            tau_size: float = 40.0,
+            bidirectional: bool = True,
+            prop_attn: bool = True,
+            scatter_free: bool = False,
+            **kwargs,
+    ) -> None:
+        kwargs["attn_layer"] = TokenAttention  # fusion needs the attention matrix
+        super().__init__(*args, **kwargs)
+        self.taus = (tau_sim, tau_info, tau_size)
+        self.bidirectional = bidirectional
+        self.prop_attn = prop_attn
+        self.scatter_free = scatter_free
+        self.r: Union[int, float] = 0  # tokens (int) or a fraction of the patch tokens (float); set by MCTF.set_r
+
+    def num_merges(self, num_patch_tokens: int) -> int:
+        """Fusions this block makes: r (or the fraction r of the patch tokens), leaving at least 10 tokens, at most
+        half the patch tokens."""
+        r = self.r if isinstance(self.r, int) else int(num_patch_tokens * self.r)
+        r = min(r, num_patch_tokens + 1 - MIN_TOKENS)
+        return max(0, min(r, num_patch_tokens // 2))
+
+    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
+        return num_patch_tokens - self.num_merges(num_patch_tokens)
+
+    def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
+        """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
+        B, num_tokens, _ = x.shape
+        r = self.num_merges(num_tokens - 1)
+        attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
+        if r == 0:
+            if attn_bias is None:
+                return super().forward(x), record
+            x = x + self.drop_path1(self.ls1(self.attn.forward_biased(self.norm1(x), attn_bias)))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), record
+
+        attn = self.attn.attention_probs(self.norm1(x), attn_bias)  # this block's attention, before fusion
+        scores = multi_criteria_scores(x, attn, record.size, *self.taus, num_protected=1)
+        r_reverse = r - r // 2 if self.bidirectional else 0
+        destination = bipartite_soft_matching(scores, r - r_reverse, r_reverse)
+        num_new = num_tokens - r
+        size = record.size if record.size is not None else x.new_ones(B, num_tokens, 1)
+        with torch.no_grad():  # fusion weights, as in the official code: attention received x size
+            weight = received_attention(attn).unsqueeze(-1) * size
+            size = merge_sum(size, destination, num_new, self.scatter_free)
+        x, _ = merge_weighted_average(x, weight, destination, num_new, self.scatter_free)
+        attn = fuse_attention(attn, weight, destination, num_new, self.scatter_free)
+        sources = record.sources
+        if sources is not None:  # CLS stays token 0, so patch indices shift by one on both sides
+            sources = compose_sources(sources, destination[:, 1:] - 1, num_new - 1)
+
+        x = x + self.drop_path1(self.ls1(self.attn.forward_from_probs(self.norm1(x), attn)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, TokenRecord(size=size, sources=sources)
+
+
+def _check_r(r: Union[int, float]) -> Union[int, float]:
+    if isinstance(r, bool) or not isinstance(r, Real) or r < 0 or (not isinstance(r, Integral) and r >= 1):
+        raise ValueError(f"r must be a non-negative int (tokens fused per reducing block) or a float in [0, 1) "
+                         f"(fraction of the patch tokens), got {r!r}")
+    return int(r) if isinstance(r, Integral) else float(r)
+
+
+class MCTF(TokenVisionTransformer):
+    """Vision Transformer with MCTF token fusion at ``reduction_loc``; see the module docstring."""
+
+    def __init__(
+            self,
+            r: Union[int, float] = 16,
+            reduction_loc: Sequence[int] = tuple(range(1, 12)),
+            tau_sim: float = 1.0,
+            tau_info: float = 20.0,
+            tau_size: float = 40.0,
+            bidirectional: bool = True,
+            prop_attn: bool = True,
+            scatter_free: bool = False,
+            **kwargs,
+    ) -> None:
+        """
+        Args:
+            r: Tokens fused per reducing block (int), or the fraction of the patch tokens (float in [0, 1)).
+            reduction_loc: 0-indexed blocks that fuse.
+            tau_sim: Similarity temperature (0 switches the criterion off).
+            tau_info: Informativeness temperature (0 switches it off).
+            tau_size: Size temperature (0 switches it off).
+            bidirectional: Bidirectional bipartite matching (A to B, then B to A).
+            prop_attn: Proportional attention (log of the token size added to the attention logits).
+            scatter_free: Fuse with one-hot matrix products instead of scatter_add (same result).
+            **kwargs: timm ``VisionTransformer`` arguments.
+        """
+        depth = kwargs.get("depth", 12)
+        _check_r(r)
+        for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
+            if isinstance(tau, bool) or not isinstance(tau, Real) or tau < 0:
+                raise ValueError(f"{name} must be a number >= 0 (0 switches the criterion off), got {tau!r}")
+        if isinstance(reduction_loc, int) or not all(isinstance(i, int) and 0 <= i < depth for i in reduction_loc):
+            raise ValueError(f"reduction_loc must be a sequence of block indices in [0, {depth - 1}] "
+                             f"(depth {depth}), got {reduction_loc!r}")
+        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
+                kwargs.get("global_pool", "token") != "token":
+            raise ValueError("MCTF models here protect exactly one CLS token: class_token must be True, "
+                             "reg_tokens 0 and global_pool 'token'")
+        block_fn = partial(MCTFBlock, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
+                           bidirectional=bidirectional, prop_attn=prop_attn, scatter_free=scatter_free)
+        super().__init__(block_fn=block_fn, **kwargs)
+        self.reduction_loc = tuple(sorted(set(reduction_loc)))
+        self.set_r(r)
+
+    def set_r(self, r: Union[int, float]) -> None:
+        """Set r of the reducing blocks (consistency training switches it between its two forwards)."""
+        self.r = _check_r(r)
+        for i, blk in enumerate(self.blocks):
+            blk.r = self.r if i in self.reduction_loc else 0
+
+
+def consistency_training_loss(
+        model: MCTF,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        r_teacher_max: int = 8,
+        weights: Tuple[float, float, float] = (1.0, 1.0, 3.0),
+        confidence_threshold: float = 0.4,
+        label_smoothing: float = 0.1,
+        generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """MCTF's token-reduction consistency training objective (Sec. 3.5; the official training loop's settings).
+
+    The model runs twice with shared weights: at its own r (the student) and at a smaller r' drawn uniformly from
+    {0, ..., r_teacher_max - 1} once per batch (the teacher). Both are trained on the labels, and the student's
+    final-norm CLS features are pulled towards the teacher's (detached) by a mean squared error, counted only for
+    images the student already classifies with probability > ``confidence_threshold``.
+
+    Args:
+        model: An MCTF model with an int r; its r is restored afterwards.
+        images: (B, 3, H, W).
+        targets: (B,) class indices, or (B, K) soft targets (mixup); confidence then sums over the target classes.
+        r_teacher_max: Exclusive upper bound of the teacher's r'.
+        weights: Weights of (student CE, teacher CE, consistency).
+        confidence_threshold: Minimum student probability of the target for an image to count in the consistency.
+        label_smoothing: Label smoothing of both cross-entropies (hard targets).
+        generator: Random generator for r'.
+
+    Returns:
+        'loss' (to backpropagate) and its parts 'ce_student', 'ce_teacher', 'consistency', plus 'r_teacher'.
+    """
+    if not isinstance(model.r, int):
+        raise ValueError(f"consistency training needs an int r (tokens per block), the model has r={model.r!r}")
+    if isinstance(r_teacher_max, bool) or not isinstance(r_teacher_max, Integral) or not 1 <= r_teacher_max:
+        raise ValueError(f"r_teacher_max must be an int >= 1 (r' is drawn from 0 .. r_teacher_max - 1), "
+                         f"got {r_teacher_max!r}")
+    r_student = model.r
+    r_teacher = int(torch.randint(0, r_teacher_max, (), generator=generator))
+    student = model.forward_features(images)
+    try:
+        model.set_r(r_teacher)
+        teacher = model.forward_features(images)
+    finally:
+        model.set_r(r_student)
+    student_logits, teacher_logits = model.forward_head(student), model.forward_head(teacher)
+    smoothing = label_smoothing if targets.ndim == 1 else 0.0
+    ce_student = F.cross_entropy(student_logits, targets, label_smoothing=smoothing)
+    ce_teacher = F.cross_entropy(teacher_logits, targets, label_smoothing=smoothing)
+
+    per_image = (teacher[:, 0].detach() - student[:, 0]).square().mean(dim=-1)
+    with torch.no_grad():
+        probs = student_logits.softmax(dim=-1)
+        target_mask = F.one_hot(targets, probs.shape[-1]).bool() if targets.ndim == 1 else targets > 0
+        confident = ((probs * target_mask).sum(dim=-1) > confidence_threshold).to(per_image.dtype)
+    consistency = (per_image * confident).sum() / confident.sum().clamp(min=1.0)
+    loss = weights[0] * ce_student + weights[1] * ce_teacher + weights[2] * consistency
+    return dict(loss=loss, ce_student=ce_student, ce_teacher=ce_teacher, consistency=consistency,
+                r_teacher=torch.tensor(r_teacher))
+
+
+default_cfgs = generate_default_cfgs({
+    f"{name}_{size}.deit_in1k": deit_weights_cfg(size, paper_ids="arXiv:2403.10030", paper_name="MCTF")
+    for name in ("mctf", "mctf_fast") for size in ("tiny", "small", "base")
+})
+
+
+def _create_mctf(variant: str, pretrained: bool = False, **kwargs) -> MCTF:
+    return build_token_vit(MCTF, variant, pretrained, **kwargs)
+
+
+def _variant_args(size: str, fast: bool) -> Dict[str, object]:
+    dims = dict(tiny=(192, 3), small=(384, 6), base=(768, 12))[size]
+    schedule = dict(r=0.35, reduction_loc=(3, 6, 9)) if fast else dict(r=16, reduction_loc=tuple(range(1, 12)))
+    return dict(patch_size=16, embed_dim=dims[0], depth=12, num_heads=dims[1], **schedule)
+
+
+@register_model
+def mctf_tiny(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF on DeiT-Ti, r = 16 at blocks 1-11."""
+    return _create_mctf("mctf_tiny", pretrained=pretrained, **dict(_variant_args("tiny", fast=False), **kwargs))
+
+
+@register_model
+def mctf_small(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF on DeiT-S, r = 16 at blocks 1-11: 21 tokens at the end at 224."""
+    return _create_mctf("mctf_small", pretrained=pretrained, **dict(_variant_args("small", fast=False), **kwargs))
+
+
+@register_model
+def mctf_base(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF on DeiT-B, r = 16 at blocks 1-11 (the DeiT-S/T setting; the paper gives none for DeiT-B)."""
+    return _create_mctf("mctf_base", pretrained=pretrained, **dict(_variant_args("base", fast=False), **kwargs))
+
+
+@register_model
+def mctf_fast_tiny(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF-Fast on DeiT-Ti: 35% of the patch tokens fused at blocks 3, 6, 9."""
+    return _create_mctf("mctf_fast_tiny", pretrained=pretrained, **dict(_variant_args("tiny", fast=True), **kwargs))
+
+
+@register_model
+def mctf_fast_small(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF-Fast on DeiT-S: 35% of the patch tokens fused at blocks 3, 6, 9."""
+    return _create_mctf("mctf_fast_small", pretrained=pretrained, **dict(_variant_args("small", fast=True), **kwargs))
+
+
+@register_model
+def mctf_fast_base(pretrained: bool = False, **kwargs) -> MCTF:
+    """MCTF-Fast on DeiT-B: 35% of the patch tokens fused at blocks 3, 6, 9."""
+    return _create_mctf("mctf_fast_base", pretrained=pretrained, **dict(_variant_args("base", fast=True), **kwargs))

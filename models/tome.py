@@ -1,0 +1,148 @@
+"""ToMe: token merging, the baseline every token-reduction paper compares with.
+
+Paper: "Token Merging: Your ViT But Faster", Daniel Bolya et al., ICLR 2023 - https://arxiv.org/abs/2210.09461
+Official code: https://github.com/facebookresearch/ToMe (read for details only: its licence is non-commercial and
+none of it is copied here).
+
+Every block merges r tokens between attention and MLP (Sec. 3.1): the keys averaged over heads are the similarity
+metric; tokens alternate between sets A and B, each A token's edge goes to its most cosine-similar B token, and the r
+strongest edges merge (bipartite soft matching; the CLS token is never merged; r is capped at half the mergeable
+tokens). Merged tokens are the size-weighted average of their parts and sizes add (Sec. 3.2); proportional attention
+adds log(size) to the attention logits (Eq. 1), on by default as in the paper's off-the-shelf results. ``r`` takes
+the official knob: an int, a per-block list, or ``(r, inflection)``. The default r = 13 is the paper's DeiT setting:
+DeiT-S at 224 ends with 41 tokens (40 patch tokens and CLS), and the sizes always sum to 197.
+
+Differences from the official code, and why:
+
+* No monkeypatching and no per-forward mutable state: the per-block r is a model setting and sizes travel in the
+  immutable ``TokenRecord`` beside the tokens (re-entrant, exportable, compilable).
+* Merging is one ``scatter_add`` of (size * x, size) into the new tokens followed by a division, or a one-hot matrix
+  product (``scatter_free=True``) for runtimes without scatter; the official ``scatter_reduce`` is not used (its
+  'mean' mode exports to ONNX with wrong results).
+* A schedule that asks to remove more tokens than the input has raises ValueError instead of being silently capped
+  throughout; the per-block cap at half the tokens is kept as in the paper.
+* Dense maps (not in the paper): a merged token is copied back to every position it stands for (ToMe's "unmerge").
+"""
+from functools import partial
+from typing import List, Tuple
+
+import torch
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+
+from .layers import (RSchedule, TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, cosine_scores,
+                     merge_weighted_average, reduction_schedule, size_bias)
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+
+__all__ = ["ToMe", "ToMeBlock"]
+
+
+class ToMeBlock(Block):
+    """timm ``Block`` (same state-dict keys) that merges ``r`` tokens between attention and MLP."""
+
+    def __init__(self, *args, prop_attn: bool = True, scatter_free: bool = False, **kwargs) -> None:
+        kwargs["attn_layer"] = TokenAttention  # merging needs the keys, proportional attention a bias
+        super().__init__(*args, **kwargs)
+        self.prop_attn = prop_attn
+        self.scatter_free = scatter_free
+        self.r = 0  # set by ToMe.set_r
+
+    def num_merges(self, num_patch_tokens: int) -> int:
+        """Merges this block makes: r, capped at half the mergeable (patch) tokens."""
+        return min(self.r, num_patch_tokens // 2)
+
+    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
+        return num_patch_tokens - self.num_merges(num_patch_tokens)
+
+    def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
+        """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
+        num_tokens = x.shape[1]
+        r = self.num_merges(num_tokens - 1)
+        attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
+        if r == 0 and attn_bias is None:
+            return super().forward(x), record
+
+        attn_out, metric = self.attn.forward_with_keys(self.norm1(x), attn_bias)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        if r > 0:
+            destination = bipartite_soft_matching(cosine_scores(metric, num_protected=1), r)
+            size = record.size if record.size is not None else x.new_ones(x.shape[0], num_tokens, 1)
+            x, size = merge_weighted_average(x, size, destination, num_tokens - r, self.scatter_free)
+            sources = record.sources
+            if sources is not None:  # CLS stays token 0, so patch indices shift by one on both sides
+                sources = compose_sources(sources, destination[:, 1:] - 1, num_tokens - r - 1)
+            record = TokenRecord(size=size, sources=sources)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, record
+
+
+class ToMe(TokenVisionTransformer):
+    """Vision Transformer with ToMe token merging in every block; see the module docstring."""
+
+    def __init__(self, r: RSchedule = 13, prop_attn: bool = True, scatter_free: bool = False, **kwargs) -> None:
+        """
+        Args:
+            r: Tokens merged per block: an int, a per-block list, or (r, inflection) (see ``reduction_schedule``).
+            prop_attn: Proportional attention (log of the token size added to the attention logits).
+            scatter_free: Merge with a one-hot matrix product instead of scatter_add (same result).
+            **kwargs: timm ``VisionTransformer`` arguments.
+        """
+        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
+                kwargs.get("global_pool", "token") != "token":
+            raise ValueError("ToMe models here protect exactly one CLS token: class_token must be True, "
+                             "reg_tokens 0 and global_pool 'token'")
+        reduction_schedule(r, kwargs.get("depth", 12))  # clear error before building anything
+        block_fn = partial(ToMeBlock, prop_attn=prop_attn, scatter_free=scatter_free)
+        super().__init__(block_fn=block_fn, **kwargs)
+        self.set_r(r)
+
+    def set_r(self, r: RSchedule) -> None:
+        """Set the per-block merge counts from ToMe's knob."""
+        self.r = r
+        for blk, block_r in zip(self.blocks, reduction_schedule(r, len(self.blocks))):
+            blk.r = block_r
+
+    def token_counts(self, img_size=None) -> List[int]:
+        counts = super().token_counts(img_size)
+        gh, gw = self.grid_size(self.patch_embed.img_size if img_size is None else img_size)
+        requested = sum(blk.r for blk in self.blocks)
+        if requested >= gh * gw:
+            raise ValueError(f"r={self.r!r} asks to merge {requested} tokens in all, but a {gh * 16}x{gw * 16} "
+                             f"input has only {gh * gw} patch tokens; use a smaller r (at most {gh * gw - 1} "
+                             f"in all) or a larger input")
+        return counts
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.token_counts(tuple(x.shape[-2:]))  # the schedule must fit this input, checked before any compute
+        return super()._embed(x)
+
+
+default_cfgs = generate_default_cfgs({
+    f"tome_{size}.deit_in1k": deit_weights_cfg(size, paper_ids="arXiv:2210.09461", paper_name="ToMe")
+    for size in ("tiny", "small", "base")
+})
+
+
+def _create_tome(variant: str, pretrained: bool = False, **kwargs) -> ToMe:
+    return build_token_vit(ToMe, variant, pretrained, **kwargs)
+
+
+@register_model
+def tome_tiny(pretrained: bool = False, **kwargs) -> ToMe:
+    """ToMe on DeiT-Ti (192 dim, 3 heads), r = 13 in every block."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, r=13)
+    return _create_tome("tome_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def tome_small(pretrained: bool = False, **kwargs) -> ToMe:
+    """ToMe on DeiT-S (384 dim, 6 heads), r = 13 in every block: 41 tokens at the end at 224."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, r=13)
+    return _create_tome("tome_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def tome_base(pretrained: bool = False, **kwargs) -> ToMe:
+    """ToMe on DeiT-B (768 dim, 12 heads), r = 13 in every block."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, r=13)
+    return _create_tome("tome_base", pretrained=pretrained, **dict(model_args, **kwargs))

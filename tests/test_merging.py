@@ -1,0 +1,103 @@
+"""Matching, merging and fusion operators of ToMe and MCTF against per-image reference computations."""
+import math
+
+import pytest
+import torch
+
+from tokenzoo.layers import (bipartite_soft_matching, cosine_scores, fuse_attention, merge_sum, merge_weighted_average,
+                             multi_criteria_scores, reduction_schedule)
+
+
+def reference_matching(scores: torch.Tensor, r: int, r_reverse: int) -> list:
+    """Groups of original token indices after matching one image, spelled out with Python sets (ToMe / MCTF)."""
+    num_a, num_b = scores.shape
+    a_tokens, b_tokens = list(range(0, 2 * num_a, 2)), list(range(1, 2 * num_b + 1, 2))
+    best_b = {i: int(scores[i].argmax()) for i in range(num_a)}
+    by_edge = sorted(range(num_a), key=lambda i: -float(scores[i].max()))
+    merged_a, kept_a = by_edge[:r], sorted(by_edge[r:])
+    groups_b = {j: {b_tokens[j]} for j in range(num_b)}
+    for i in merged_a:
+        groups_b[best_b[i]].add(a_tokens[i])
+    groups_a = {i: {a_tokens[i]} for i in kept_a}
+    kept_b = list(range(num_b))
+    if r_reverse:
+        best_a = {j: kept_a[int(scores[kept_a, j].argmax())] for j in range(num_b)}
+        by_edge_b = sorted(range(num_b), key=lambda j: -float(scores[kept_a, j].max()))
+        for j in by_edge_b[:r_reverse]:
+            groups_a[best_a[j]] |= groups_b[j]
+        kept_b = by_edge_b[r_reverse:]
+    return [groups_a[i] for i in kept_a] + [groups_b[j] for j in kept_b]
+
+
+def groups_from_destination(destination: torch.Tensor) -> list:
+    groups = [set() for _ in range(int(destination.max()) + 1)]
+    for token, new in enumerate(destination.tolist()):
+        groups[new].add(token)
+    return groups
+
+
+@pytest.mark.parametrize("num_tokens, r, r_reverse", [(11, 3, 0), (12, 5, 0), (11, 2, 3), (16, 4, 4)])
+def test_bipartite_matching_against_reference(num_tokens: int, r: int, r_reverse: int) -> None:
+    scores = cosine_scores(torch.randn(3, num_tokens, 8), num_protected=1)
+    destination = bipartite_soft_matching(scores, r, r_reverse)
+    assert destination.shape == (3, num_tokens)
+    for b in range(3):
+        assert groups_from_destination(destination[b]) == reference_matching(scores[b], r, r_reverse)
+        assert destination[b, 0] == 0  # CLS never merges and stays first
+
+
+def test_merges_are_exact_weighted_averages_and_scatter_free_agrees() -> None:
+    x, weight = torch.randn(2, 9, 4), torch.rand(2, 9, 1) + 0.1
+    destination = torch.tensor([[0, 1, 1, 2, 3, 3, 3, 4, 0], [0, 4, 3, 2, 1, 0, 1, 2, 3]])
+    merged, weight_sum = merge_weighted_average(x, weight, destination, 5)
+    for b in range(2):
+        for g in range(5):
+            members = destination[b] == g
+            expected = (x[b, members] * weight[b, members]).sum(0) / weight[b, members].sum()
+            torch.testing.assert_close(merged[b, g], expected)
+            torch.testing.assert_close(weight_sum[b, g], weight[b, members].sum(0))
+    torch.testing.assert_close(merge_sum(x, destination, 5, scatter_free=True), merge_sum(x, destination, 5))
+
+
+def test_multi_criteria_scores_follow_the_paper_equations() -> None:
+    x, size = torch.randn(1, 7, 5), torch.randint(1, 4, (1, 7, 1)).float()
+    attn = torch.rand(1, 2, 7, 7).softmax(-1)
+    scores = multi_criteria_scores(x, attn, size, tau_sim=1.0, tau_info=20.0, tau_size=40.0)
+    received = attn.mean(dim=(1, 2))[0]
+    info = (1 / received) / (1 / received).max()
+    inv_size = (1 / size[0, :, 0]) / (1 / size[0, :, 0]).max()
+    for ai, i in enumerate(range(0, 7, 2)):
+        for bj, j in enumerate(range(1, 7, 2)):
+            cos = torch.nn.functional.cosine_similarity(x[0, i], x[0, j], dim=0)
+            expected = ((cos + 1) / 2) * (info[i] * info[j]) ** (1 / 20) * (inv_size[i] * inv_size[j]) ** (1 / 40)
+            if i == 0:
+                assert scores[0, ai, bj] == -math.inf
+            else:
+                torch.testing.assert_close(scores[0, ai, bj], expected)
+    only_similarity = multi_criteria_scores(x, attn, size, tau_sim=1.0, tau_info=0, tau_size=0)
+    torch.testing.assert_close(only_similarity[:, 1:], ((cosine_scores(x)[:, 1:]) + 1) / 2)
+
+
+def test_fused_attention_sums_keys_and_averages_queries() -> None:
+    attn, weight = torch.rand(2, 3, 6, 6).softmax(-1), torch.rand(2, 6, 1) + 0.1
+    destination = torch.tensor([[0, 1, 1, 2, 3, 2], [0, 3, 1, 1, 2, 3]])
+    fused = fuse_attention(attn, weight, destination, 4)
+    members = torch.nn.functional.one_hot(destination, 4).float().transpose(1, 2)  # (B, G, N)
+    weighted = members * weight.transpose(1, 2)
+    expected = (weighted / weighted.sum(-1, keepdim=True)).unsqueeze(1) @ attn @ members.transpose(1, 2).unsqueeze(1)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fused.sum(-1), torch.ones(2, 3, 4))  # rows stay stochastic
+    torch.testing.assert_close(fuse_attention(attn, weight, destination, 4, scatter_free=True), fused)
+
+
+def test_reduction_schedule_forms() -> None:
+    assert reduction_schedule(13, 4) == [13, 13, 13, 13]
+    assert reduction_schedule([5, 3], 4) == [5, 3, 0, 0]
+    assert reduction_schedule((8, 0.5), 5) == [4, 6, 8, 10, 12]
+    assert reduction_schedule((8, -1.0), 5) == [16, 12, 8, 4, 0]
+
+
+@pytest.mark.parametrize("r", [-1, 1.5, "13", (13, 2.0), (13,), [1, -1], [1] * 13, True])
+def test_reduction_schedule_rejects_unknown_forms(r) -> None:
+    with pytest.raises(ValueError, match="r must be|a per-block r list|a tuple r must be"):
+        reduction_schedule(r, 12)

@@ -1,0 +1,77 @@
+"""ToMe: the paper's token counts and sizes, proportional attention, dense unmerge, the r knob and bad input."""
+import pytest
+import timm
+import torch
+
+from conftest import record_block_outputs
+
+
+def _record_sizes(model):
+    sizes = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda module, args, output: sizes.append(output[1].size) and None)
+    return sizes
+
+
+def test_paper_token_counts_and_sizes_at_224() -> None:
+    model = timm.create_model("tome_small").eval()
+    expected = [183, 170, 157, 144, 131, 118, 105, 92, 79, 66, 53, 40]  # 41 tokens with CLS at the end
+    assert model.token_counts(224) == expected
+    ran, sizes = record_block_outputs(model), _record_sizes(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    assert ran == expected
+    for size in sizes:
+        torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((2,), 197.0))
+    assert sizes[-1][:, 0].eq(1).all(), "the CLS token never merges"
+
+
+def test_proportional_attention_changes_the_output_once_tokens_merged() -> None:
+    with_prop = timm.create_model("tome_tiny").eval()
+    without = timm.create_model("tome_tiny", prop_attn=False).eval()
+    without.load_state_dict(with_prop.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (with_prop(x) - without(x)).abs().max() > 1e-4
+
+
+def test_r_schedule_forms_reach_the_blocks() -> None:
+    model = timm.create_model("tome_tiny", r=[20, 10])
+    assert model.token_counts(224) == [176, 166] + [166] * 10
+    model = timm.create_model("tome_tiny", r=(8, 0.5))
+    assert [blk.r for blk in model.blocks] == [int(4 + 8 / 11 * i) for i in range(12)]
+    model.set_r([100])
+    assert model.token_counts(224)[:2] == [98, 98], "r is capped at half the mergeable tokens"
+
+
+def test_dense_map_copies_each_merged_token_to_all_its_positions() -> None:
+    model = timm.create_model("tome_tiny").eval()
+    captured = {}
+    model.blocks[-1].register_forward_hook(lambda m, a, out: captured.update(x=out[0], size=out[1].size) and None)
+    with torch.no_grad():
+        grid = model.forward_intermediates(torch.randn(1, 3, 224, 224), indices=[-1], output_fmt="NLC",
+                                           intermediates_only=True)[0][0]
+    tokens, size = captured["x"][0, 1:], captured["size"][0, 1:, 0]
+    equal = (grid[:, None] == tokens[None]).all(-1)  # (196 positions, 40 tokens)
+    assert equal.sum(-1).eq(1).all(), "every position shows exactly one current token"
+    torch.testing.assert_close(equal.sum(0).float(), size)  # a token of size s stands at s positions
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=-1), "r must be"),
+    (dict(r="13"), "r must be"),
+    (dict(r=(13, 3.0)), "a tuple r must be"),
+    (dict(r=[1] * 13), "a per-block r list"),
+    (dict(reg_tokens=2), "exactly one CLS token"),
+])
+def test_bad_settings_are_rejected(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("tome_tiny", **kwargs)
+
+
+def test_r_removing_more_tokens_than_exist_is_rejected_before_running() -> None:
+    model = timm.create_model("tome_tiny")
+    with pytest.raises(ValueError, match="asks to merge 156 tokens in all, but a 64x64 input has only 16"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="asks to merge"):
+        model.token_counts(64)
