@@ -29,7 +29,7 @@ Differences from the official code, and why:
 """
 from functools import partial
 from numbers import Integral, Real
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_in
 
 from .layers import TokenRecord, identity_sources, restore
 
-__all__ = ["TokenVisionTransformer", "build_token_vit", "deit_checkpoint_filter", "deit_weights_cfg", "to_2tuple_size"]
+__all__ = ["TokenVisionTransformer", "build_token_vit", "deit_weights_cfg", "to_2tuple_size"]
 
 DEIT_FILES = {
     "tiny": "deit_tiny_patch16_224-a1311bcf",
@@ -56,6 +56,15 @@ class TokenVisionTransformer(VisionTransformer):
         if kwargs.get("dynamic_img_pad", False):
             raise ValueError("dynamic_img_pad is not supported: inputs must be multiples of the patch size")
         super().__init__(dynamic_img_size=True, **kwargs)
+
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Adapt a checkpoint to this model (used by timm's pretrained loading and the OpenMMLab backbone).
+
+        The parameter-free families take DeiT checkpoints (and those of the papers' official code, which keep timm's
+        key names, weights under 'model') through timm's ViT filter, which also resamples the position embedding to
+        this model's grid. A family that adds parameters overrides this.
+        """
+        return checkpoint_filter_fn(state_dict, self, adapt_layer_scale=True)
 
     def grid_size(self, img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
         """Patch grid for an input size, or ValueError when the size is not a multiple of the patch size."""
@@ -175,13 +184,6 @@ class TokenVisionTransformer(VisionTransformer):
         return self.norm(x), maps
 
 
-def deit_checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
-    """Checkpoint filter of the parameter-free families: DeiT checkpoints (and those of the papers' official code,
-    which keep timm's key names, weights under 'model') go through timm's ViT filter, which also resamples the
-    position embedding to the model's grid."""
-    return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
-
-
 def deit_weights_cfg(size: str, paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:
     """Pretrained cfg of a parameter-free family that reuses the DeiT ImageNet-1k weights of ``size`` as they are."""
     name = DEIT_FILES[size]
@@ -208,7 +210,7 @@ def build_token_vit(
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         model_cls, variant, pretrained,
-        pretrained_filter_fn=deit_checkpoint_filter,
+        pretrained_filter_fn=lambda state_dict, model: model.checkpoint_filter(state_dict),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -3,6 +3,9 @@
 A family is covered the moment it registers. Tiny inputs keep the suite quick; the full-size models run in a few
 targeted tests and in tools/benchmark.py.
 """
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -120,3 +123,12 @@ def test_pretrained_loads_a_local_deit_file_through_timm(name: str, tmp_path, de
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     for key, value in deit_state_dicts["tiny"].items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_import_tokenzoo_stays_light() -> None:
+    """`import tokenzoo` registers the families without pulling in OpenMMLab or ONNX."""
+    code = ("import sys, tokenzoo, timm; assert timm.is_model('evit_small'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mmengine', 'mmcv', 'mmdet', 'mmseg', 'onnx', "
+            "'onnxruntime', 'onnxscript'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

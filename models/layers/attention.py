@@ -45,7 +45,8 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, 1, 1, N) additive attention bias.
     """
-    return size.log().transpose(1, 2).unsqueeze(1)
+    B, N, _ = size.shape
+    return size.log().reshape(B, 1, 1, N)
 
 
 class TokenAttention(Attention):
@@ -72,7 +73,9 @@ class TokenAttention(Attention):
     def _project(self, out: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) per-head outputs -> (B, N, C)."""
         B, _, N, _ = out.shape
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        # An explicit copy, not reshape's "copy if needed": torch 2.14's export records the reshape of an SDPA-with-mask
+        # output as a view, valid for the CPU kernel's memory layout but not after ONNX decomposition.
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(out)))
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

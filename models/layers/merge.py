@@ -1,8 +1,9 @@
 """Bipartite soft matching and weighted merging (ToMe, Sec. 3.1; MCTF builds on both).
 
 A merge step is described, like every reduction step here, by ``destination`` (B, N_old): the new token each old
-token goes into (see ``record``). Merging is then one weighted sum into the new tokens, either a ``scatter_add`` or,
-for runtimes without scatter support, a one-hot matrix product (``scatter_free=True``); both are exact sums. Means
+token goes into (see ``record``). The matching builds it from sorts, cumsums and gathers only; merging is then one
+weighted sum into the new tokens, either a ``scatter_add`` or, for runtimes without scatter support, a one-hot matrix
+product (``scatter_free=True``); both are exact sums, and with the latter no scatter op is left in the graph. Means
 are taken as sum / sum-of-weights: ``scatter_reduce(mean)`` exports to ONNX with wrong results.
 """
 import math
@@ -94,27 +95,22 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
         destination (B, N): the new index of every token among the N - r - r_reverse new ones.
     """
     B, num_a, num_b = scores.shape
-    device = scores.device
-    with torch.no_grad():
+    with torch.no_grad():  # indices only; built from sorts, cumsum and gathers, no scatter (see scatter_free)
         best_score, best_b = scores.max(dim=-1)
-        order = best_score.argsort(dim=-1, descending=True)
-        merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
+        rank_a = best_score.argsort(dim=-1, descending=True).argsort(dim=-1)  # edge rank of each A token
+        merged_a = rank_a < r
+        # A tokens that stay keep their original order: new index = number of staying A tokens before them
+        kept_a_index = (~merged_a).cumsum(dim=-1) - 1
         num_kept_a = num_a - r
         if r_reverse:
+            kept_a = rank_a.argsort(dim=-1)[:, r:].sort(dim=-1).values  # staying A tokens in original order
             reverse = scores.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)
-            best_score_b, best_kept_a = reverse.max(dim=-1)  # (B, N_b): best among the kept A tokens
-            order_b = best_score_b.argsort(dim=-1, descending=True)
-            merged_b, kept_b = order_b[:, :r_reverse], order_b[:, r_reverse:]
+            best_score_b, best_kept_a = reverse.max(dim=-1)  # best staying A token (its new index) per B token
+            rank_b = best_score_b.argsort(dim=-1, descending=True).argsort(dim=-1)
+            destination_b = torch.where(rank_b < r_reverse, best_kept_a, num_kept_a + rank_b - r_reverse)
         else:
-            merged_b, kept_b = None, torch.arange(num_b, device=device).expand(B, -1)
-        destination_b = best_b.new_zeros(B, num_b)
-        destination_b = destination_b.scatter(
-            1, kept_b, (num_kept_a + torch.arange(num_b - r_reverse, device=device)).expand(B, -1))
-        if merged_b is not None:
-            destination_b = destination_b.scatter(1, merged_b, best_kept_a.gather(1, merged_b))
-        destination_a = best_b.new_zeros(B, num_a)
-        destination_a = destination_a.scatter(1, kept_a, torch.arange(num_kept_a, device=device).expand(B, -1))
-        destination_a = destination_a.scatter(1, merged_a, destination_b.gather(1, best_b.gather(1, merged_a)))
+            destination_b = (num_kept_a + torch.arange(num_b, device=scores.device)).expand(B, -1)
+        destination_a = torch.where(merged_a, destination_b.gather(1, best_b), kept_a_index)
         # Interleave back to the original order: A at even positions, B at odd ones.
         destination = torch.stack([destination_a[:, :num_b], destination_b], dim=-1).flatten(1)
         if num_a > num_b:

@@ -30,7 +30,9 @@ command -v python3.11 >/dev/null || { echo "[setup] python3.11 is required (foun
 
 step "create .venv (python3.11)"
 [[ -x "$PY" ]] || python3.11 -m venv "$VENV"
-pip_q() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+# Drops the machine-wide extra-index warnings about absent local folders; pip's own exit status still decides (pipefail).
+drop_index_warnings() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+pip_q() { "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | drop_index_warnings; }
 pip_q --upgrade pip
 pip_q -c "$CONSTRAINTS" setuptools wheel ninja
 
@@ -41,7 +43,8 @@ build_mmcv() {
   local work
   work=$(mktemp -d)
   step "build mmcv $MMCV_VERSION wheel for torch $TORCH_VERSION (once; 12-17 min on 2 cores)"
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv==$MMCV_VERSION"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv==$MMCV_VERSION" 2>&1 \
+    | drop_index_warnings
   tar -xzf "$work"/mmcv-"$MMCV_VERSION".tar.gz -C "$work"
   local src="$work/mmcv-$MMCV_VERSION"
   # torch 2.14's headers need C++20; mmcv's setup.py hard-codes older standards.

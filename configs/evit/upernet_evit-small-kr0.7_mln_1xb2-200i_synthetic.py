@@ -1,0 +1,3 @@
+# EViT-S (keep rate 0.7 at blocks 3, 6, 9: the paper's setting) in place of DeiT-S; all else is the baseline's.
+_base_ = "../deit/upernet_deit-small_mln_1xb2-200i_synthetic.py"
+model = dict(backbone=dict(model_name="evit_small", model_kwargs=dict(keep_rate=0.7)))

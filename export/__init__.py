@@ -1,0 +1,24 @@
+"""tokenzoo.export: ONNX export, onnxruntime parity checks and edge latency.
+
+``import tokenzoo`` never imports this package; the names below load their module (and onnx/onnxruntime, the
+``export`` extra) on first use, so ``from tokenzoo.export import export_onnx`` works and ``python -m
+tokenzoo.export.onnx_export`` does not find its module half-imported by this file.
+"""
+import importlib
+from typing import Any
+
+_LAZY = {
+    'export_onnx': 'onnx_export',
+    'check_parity': 'onnx_export',
+    'DEFAULT_OPSET': 'onnx_export',
+    'PARITY_TOL': 'onnx_export',
+    'ort_latency': 'latency',
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)

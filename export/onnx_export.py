@@ -1,0 +1,263 @@
+"""Export a model to one self-contained ONNX file with a dynamic batch axis, and check it against PyTorch.
+
+Exporter choice: torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the default in torch 2.14) on a
+program captured by ``torch.export``. It handles what the token-reduction models use: ``torch.topk`` /
+``torch.gather`` over the token axis with a static k (``math.ceil`` on Python ints folds into the graph), and
+``F.scaled_dot_product_attention`` (MatMul/Softmax at the default opset). The batch axis is a named
+``torch.export.Dim``, so a model that silently specializes on its batch size fails the export instead of producing a
+fixed-batch graph. The legacy TorchScript exporter (``dynamo=False``) is not used: dynamo exports every model here,
+and a second exporter would only hide failures.
+
+Usage::
+
+    python -m tokenzoo.export evit_small --out evit_small.onnx
+    python export/onnx_export.py deit_small_patch16_224 --out deit_s.onnx --img-size 224 --opset 18
+"""
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from tokenzoo.profiling import (
+    ImgSize, build_model, check_img_size, eval_mode, example_input, to_img_size, validate_model_name)
+
+__all__ = [
+    'DEFAULT_OPSET', 'PARITY_TOL', 'SUPPORTED_OPSETS', 'check_out_path', 'check_parity', 'export_onnx', 'main',
+    'parse_model_kwargs',
+]
+
+# 18 is the opset torch's exporter implements natively (lower ones go through a best-effort version converter) and
+# runs on every onnxruntime since 1.14 and on most edge runtimes; 23 is the highest torch 2.14 targets.
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(18, 24)
+PARITY_TOL = 1e-4  # DESIGN contract 7: float32 outputs match PyTorch within this max abs diff
+_PROTOBUF_LIMIT = 2 ** 31  # a single-file ONNX model holds at most 2 GB (protobuf message size)
+_EXAMPLE_BATCH = 2  # torch.export specializes sizes 0 and 1, so trace with 2 to keep the batch axis symbolic
+
+
+def check_out_path(out_path: str | os.PathLike, force: bool = False) -> Path:
+    """Check that an output file may be written: its folder exists, and it does not exist unless ``force``.
+
+    Args:
+        out_path: The file to write.
+        force: Allow overwriting an existing file.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        FileExistsError: If the file exists and ``force`` is False.
+        FileNotFoundError: If the folder does not exist.
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise FileExistsError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out_path.parent} does not exist; create it first")
+    return out_path
+
+
+def _check_opset(opset: int) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(
+            f"opset {opset} is not supported; allowed: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+
+
+def _check_size(model: nn.Module) -> None:
+    num_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if num_bytes >= _PROTOBUF_LIMIT:
+        raise ValueError(
+            f"the model's weights take {num_bytes / 2 ** 30:.2f} GB; a single-file ONNX model is limited to 2 GB")
+
+
+def _to_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> torch.onnx.ONNXProgram:
+    """Capture ``model`` with ``torch.export`` (dynamic batch axis) and convert it with the dynamo ONNX exporter."""
+    exported = torch.export.export(
+        model, (example,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},), strict=False)
+    # the string form only names the axis in the ONNX graph ('batch' instead of torch's symbol, e.g. 's77')
+    options = dict(dynamo=True, input_names=['input'], output_names=['output'], opset_version=opset, verbose=False,
+                   dynamic_shapes=({0: 'batch'},))
+    return torch.onnx.export(exported, **options)
+
+
+def export_onnx(
+        model: nn.Module | str,
+        out_path: str | os.PathLike,
+        img_size: ImgSize = (224, 224),
+        opset: int = DEFAULT_OPSET,
+        force: bool = False,
+) -> Path:
+    """Export a model in eval mode to one ONNX file (weights inside) with a dynamic batch axis.
+
+    The graph has one input ``input`` of shape (batch, 3, H, W) and one output ``output``. The file is written to a
+    temporary file in the same folder, checked with ``onnx.checker.check_model`` and then renamed, so a failed export
+    leaves neither a partial file nor a clobbered one.
+
+    Args:
+        model: A model, or a timm model name (built with random weights at ``img_size``).
+        out_path: The ``.onnx`` file to write.
+        img_size: Input size, one int or ``(height, width)``.
+        opset: ONNX opset, one of ``SUPPORTED_OPSETS``.
+        force: Overwrite ``out_path`` if it exists.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        FileExistsError: If ``out_path`` exists and ``force`` is False.
+        ValueError: Unknown model name, unsupported opset, an image size the model cannot take, or weights too large
+            for one file.
+    """
+    out_path = check_out_path(out_path, force)
+    _check_opset(opset)
+    if isinstance(model, str):
+        model = build_model(model, img_size=img_size)
+    img_size = check_img_size(model, img_size)
+    _check_size(model)
+
+    # a unique hidden name beside the target: same filesystem, so the final rename is atomic (not mkstemp: its 0600
+    # mode would stick to the result)
+    tmp_path = out_path.with_name(f'.{out_path.name}.{uuid.uuid4().hex[:12]}.tmp')
+    try:
+        with eval_mode(model):
+            program = _to_onnx(model, example_input(model, _EXAMPLE_BATCH, img_size), opset)
+        program.save(tmp_path, external_data=False)
+        onnx.checker.check_model(str(tmp_path), full_check=True)
+        if out_path.exists() and not force:  # created while we were exporting: still never clobber it
+            raise FileExistsError(f"{out_path} appeared during the export; pass --force (force=True) to overwrite it")
+        os.replace(tmp_path, out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return out_path
+
+
+def _as_arrays(output: Any) -> list[np.ndarray]:
+    tensors = [output] if isinstance(output, torch.Tensor) else list(output)
+    return [t.detach().float().cpu().numpy() for t in tensors]
+
+
+def check_parity(
+        model: nn.Module,
+        onnx_path: str | os.PathLike,
+        batch_sizes: Sequence[int] = (1, 3),
+        img_size: ImgSize = (224, 224),
+        seed: int = 0,
+) -> dict[int, float]:
+    """Compare onnxruntime (CPU execution provider) with the PyTorch model in eval mode on random inputs.
+
+    Args:
+        model: The PyTorch model that was exported.
+        onnx_path: The exported file.
+        batch_sizes: Batch sizes to run; more than one checks that the batch axis is really dynamic.
+        img_size: Input size, one int or ``(height, width)``.
+        seed: Seed of the random inputs.
+
+    Returns:
+        Max absolute difference over all outputs, per batch size.
+
+    Raises:
+        ValueError: On an empty or non-positive batch size list, or an image size the model cannot take.
+    """
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {batch_sizes!r}")
+    img_size = check_img_size(model, img_size)
+    session = ort.InferenceSession(str(onnx_path), providers=['CPUExecutionProvider'])
+    input_name = session.get_inputs()[0].name
+    diffs = {}
+    for batch_size in batch_sizes:
+        x = example_input(model, batch_size, img_size, seed=seed + batch_size)
+        with eval_mode(model), torch.inference_mode():
+            expected = _as_arrays(model(x))
+        actual = session.run(None, {input_name: x.float().cpu().numpy()})
+        diffs[batch_size] = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
+    return diffs
+
+
+def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
+    """Parse ``--model-kwargs``: one JSON object, or ``key=value`` pairs whose values are JSON or plain strings.
+
+    Args:
+        items: The command-line words, e.g. ``['{"keep_rate": 0.5}']`` or ``['keep_rate=0.5', 'drop_rate=0']``.
+
+    Returns:
+        Keyword arguments for the model constructor.
+
+    Raises:
+        ValueError: On malformed input.
+    """
+    if not items:
+        return {}
+    if len(items) == 1 and items[0].lstrip().startswith('{'):
+        try:
+            kwargs = json.loads(items[0])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-kwargs is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model-kwargs JSON must be an object, got {items[0]!r}")
+        return kwargs
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-kwargs expects key=value pairs or one JSON object, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:  # bare words such as act_layer=gelu stay strings
+            kwargs[key] = value
+    return kwargs
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m tokenzoo.export',
+        description='Export a timm/tokenzoo model to one ONNX file with a dynamic batch axis and check it against '
+                    'PyTorch with onnxruntime (exit code 1 if the max abs diff exceeds %g).' % PARITY_TOL)
+    parser.add_argument('model', help='timm model name, e.g. evit_small or deit_small_patch16_224')
+    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='N',
+                        help='input size: N (square) or H W; a multiple of the patch size (default: 224)')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
+    parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+    parser.add_argument('--checkpoint', help='local weight file; random weights if omitted')
+    parser.add_argument('--model-kwargs', nargs='+', metavar='KWARGS',
+                        help='model constructor arguments: one JSON object or key=value pairs')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # validate everything cheap before building or tracing anything
+    try:
+        img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
+        model_kwargs = parse_model_kwargs(args.model_kwargs)
+        validate_model_name(args.model)
+        _check_opset(args.opset)
+        check_out_path(args.out, args.force)
+        model = build_model(args.model, img_size=img_size, checkpoint=args.checkpoint, **model_kwargs)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        parser.error(str(e))
+    weights = args.checkpoint or 'random (no --checkpoint)'
+    print(f"exporting {args.model} ({img_size[0]}x{img_size[1]}, opset {args.opset}, weights: {weights})",
+          file=sys.stderr)
+    out_path = export_onnx(model, args.out, img_size=img_size, opset=args.opset, force=args.force)
+    print(f"wrote {out_path} ({out_path.stat().st_size / 2 ** 20:.1f} MB)")
+    diffs = check_parity(model, out_path, img_size=img_size)
+    for batch_size, diff in diffs.items():
+        status = 'ok' if diff <= PARITY_TOL else f'FAIL (> {PARITY_TOL:g})'
+        print(f"parity batch {batch_size}: max abs diff {diff:.3g} {status}")
+    return 0 if max(diffs.values()) <= PARITY_TOL else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The OpenMMLab configs of every family: layout, naming, building from the real configs, clear build-time errors.
+
+Families are the folders of configs/ (besides _base_), so a new family is tested as soon as its folder exists. Models
+are built with a 4-block backbone (``tiny_options``); a family whose defaults do not fit 4 blocks at 128x128 adds
+its kwargs to ``TINY_KWARGS``. The end-to-end runs are in test_mm_train.py.
+"""
+import ast
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import torch
+
+import tokenzoo
+import tokenzoo.mm as tm
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+FAMILIES = sorted(p.name for p in CONFIG_ROOT.iterdir() if p.is_dir() and p.name != "_base_")
+# Settings that fit 4 blocks and 64-80 tokens, by family folder.
+TINY_KWARGS: Dict[str, Dict[str, Any]] = {
+    "evit": dict(reduction_loc=(1, 2)),
+    "tome": dict(r=3),
+    "mctf": dict(reduction_loc=(1, 2, 3)),
+}
+TASKS = ("det", "seg")
+# Leaf configs of each family, by the dataset field of their name.
+PATTERNS = {
+    ("det", "real"): "mask-rcnn_*_sfp_*_coco.py",
+    ("det", "synthetic"): "mask-rcnn_*_sfp_*_synthetic.py",
+    ("seg", "real"): "upernet_*_mln_*_ade20k-512x512.py",
+    ("seg", "synthetic"): "upernet_*_mln_*_synthetic.py",
+}
+CASES = [(family, task) for family in FAMILIES for task in TASKS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models are latency-bound: extra threads only contend with each other (and other test runs) on 2 cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def family_config(family: str, task: str, dataset: str) -> Path:
+    """The one leaf config of a family for a task ('det'/'seg') and dataset ('real'/'synthetic')."""
+    found = sorted((CONFIG_ROOT / family).glob(PATTERNS[task, dataset]))
+    assert len(found) == 1, f"configs/{family}/ needs exactly one {PATTERNS[task, dataset]}, found {found}"
+    return found[0]
+
+
+def tiny_options(family: str, task: str) -> Dict[str, Any]:
+    """cfg_options for a 4-block backbone and narrow heads: the real model's structure, at a size CPU tests afford."""
+    opts: Dict[str, Any] = {"model.backbone.model_kwargs.depth": 4}
+    for key, value in TINY_KWARGS.get(family, {}).items():
+        opts[f"model.backbone.model_kwargs.{key}"] = value
+    if task == "det":
+        width = 64
+        opts.update({
+            "model.backbone.out_indices": (3,),
+            "model.neck.out_channels": width,
+            "model.rpn_head.in_channels": width,
+            "model.rpn_head.feat_channels": width,
+            "model.roi_head.bbox_roi_extractor.out_channels": width,
+            "model.roi_head.mask_roi_extractor.out_channels": width,
+            "model.roi_head.bbox_head.in_channels": width,
+            "model.roi_head.bbox_head.conv_out_channels": width,
+            "model.roi_head.bbox_head.fc_out_channels": 2 * width,
+            "model.roi_head.mask_head.in_channels": width,
+            "model.roi_head.mask_head.conv_out_channels": width,
+            "model.train_cfg.rpn_proposal.max_per_img": 200,
+            "model.train_cfg.rcnn.sampler.num": 64,
+            "model.test_cfg.rpn.max_per_img": 100,
+        })
+    else:
+        opts.update({
+            "model.backbone.out_indices": (0, 1, 2, 3),
+            "model.neck.out_channels": 64,
+            "model.decode_head.in_channels": [64] * 4,
+            "model.decode_head.channels": 64,
+            "model.auxiliary_head.in_channels": 64,
+            "model.auxiliary_head.channels": 32,
+        })
+    return opts
+
+
+def _bases(path: Path) -> List[Path]:
+    """The ``_base_`` files a config names (read without executing it)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_base_" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            return [(path.parent / p).resolve() for p in ([value] if isinstance(value, str) else value)]
+    return []
+
+
+def _depth(path: Path) -> int:
+    return 1 + max((_depth(base) for base in _bases(path)), default=-1)
+
+
+def test_every_family_has_the_four_configs() -> None:
+    assert {"deit", "evit"} <= set(FAMILIES)
+    for family in FAMILIES:
+        for task, dataset in PATTERNS:
+            family_config(family, task, dataset)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_names_layout_and_inheritance(family: str) -> None:
+    # {algorithm}_{backbone}_{neck}_{schedule}_{dataset}.py, words joined by '-', the backbone field naming the family
+    grammar = re.compile(r"^(mask-rcnn|upernet)_([a-z0-9.]+(?:-[a-z0-9.]+)*)_(sfp|mln)_(\d+xb\d+-[a-z0-9-]+)_"
+                         r"([a-z0-9]+(?:-[a-z0-9]+)*)\.py$")
+    for path in sorted((CONFIG_ROOT / family).glob("*.py")):
+        match = grammar.match(path.name)
+        assert match, f"{path.name} does not follow the OpenMMLab naming grammar"
+        assert match.group(2).startswith(family), f"{path.name}: the backbone field should start with {family!r}"
+        assert _depth(path) <= 2, f"{path.name} inherits more than two levels"
+        assert "_delete_" not in path.read_text(), f"{path.name} uses _delete_"
+
+
+@pytest.mark.parametrize("family, task", CASES)
+def test_build_from_real_config(family: str, task: str) -> None:
+    """The COCO / ADE20K configs build (the real Pretrained init_cfg is kept: building loads no weights)."""
+    path = family_config(family, task, "real")
+    model = tm.build_model(path, tiny_options(family, task)).eval()
+    backbone = model.backbone
+    assert isinstance(backbone, tm.TokenZooViT)
+    assert backbone.model_name == tm.read_config(path).model.backbone.model_name
+    assert backbone.pretrained is not None and backbone.pretrained["checkpoint"].startswith("https://")
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        if task == "det":
+            pyramid = model.extract_feat(x)
+            # strides 4-32 from the stride-16 map; the extra level halves the stride-32 one, rounding up
+            expected = [(1, 64, -(-128 // s), -(-160 // s)) for s in (4, 8, 16, 32, 64)]
+            assert [tuple(p.shape) for p in pyramid] == expected
+        else:
+            logits = model(x, mode="tensor")
+            assert logits.shape == (1, 150, 32, 40)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bad_backbone_settings_fail_at_build_time(task: str, tmp_path: Path) -> None:
+    path = family_config("evit", task, "real")
+    with pytest.raises(ValueError, match="unknown backbone model_name 'evit_smal'.*evit_small.*timm.list_models"):
+        tm.build_model(path, {"model.backbone.model_name": "evit_smal"})
+    missing = tmp_path / "deit_small.pth"
+    with pytest.raises(FileNotFoundError, match="deit_small.pth' does not exist"):
+        tm.build_model(path, {"model.backbone.init_cfg.checkpoint": str(missing)})
+    with pytest.raises(ValueError, match=r"out_indices \(3, 12\) out of range .* 12 blocks"):
+        tm.build_model(path, {"model.backbone.out_indices": (3, 12)})
+
+
+def test_unknown_task_scope_is_refused() -> None:
+    cfg = tm.read_config(family_config("deit", "det", "synthetic"))
+    cfg.default_scope = "mmpretrain"
+    with pytest.raises(ValueError, match="default_scope 'mmpretrain'"):
+        tm.read_config(cfg)
+
+
+@pytest.mark.parametrize("family, task", CASES)
+def test_build_backbone_for_dense_benchmarks(family: str, task: str) -> None:
+    """``build_backbone`` (what a dense benchmark calls) gives the config's backbone at the config's training size."""
+    path = family_config(family, task, "real")
+    backbone = tm.build_backbone(path, {"model.backbone.model_kwargs.depth": 4, **{
+        f"model.backbone.model_kwargs.{k}": v for k, v in TINY_KWARGS.get(family, {}).items()},
+        "model.backbone.out_indices": (3,)})
+    assert not backbone.training and backbone.pretrained is None
+    assert backbone.img_size == ((1024, 1024) if task == "det" else (512, 512))
+    with torch.no_grad():
+        (feature,) = backbone(torch.randn(1, 3, 64, 96))
+    assert feature.shape == (1, 384, 4, 6)
+
+
+def test_family_configs_only_swap_the_backbone() -> None:
+    """A family's config equals the DeiT baseline's but for the backbone name and kwargs (like-for-like comparison)."""
+    for family in FAMILIES:
+        for task, dataset in PATTERNS:
+            cfg = tm.read_config(family_config(family, task, dataset)).to_dict()
+            base = tm.read_config(family_config("deit", task, dataset)).to_dict()
+            for key in ("model_name", "model_kwargs"):
+                cfg["model"]["backbone"].pop(key)
+                base["model"]["backbone"].pop(key)
+            assert cfg == base, f"{family} {task} {dataset} differs from the DeiT baseline beyond the backbone"
+    assert all(name.split(".")[0] in tokenzoo.list_models() or name.startswith("deit")
+               for name in (tm.read_config(family_config(f, "det", "real")).model.backbone.model_name
+                            for f in FAMILIES))
+
+
+def test_load_config_command_line_settings(tmp_path: Path) -> None:
+    path = family_config("evit", "det", "synthetic")
+    cfg = tm.load_config(path)
+    assert cfg.work_dir == f"work_dirs/{path.stem}" and not cfg.resume and cfg.launcher == "none"
+    assert cfg.optim_wrapper.type == "OptimWrapper"  # mixed precision is off unless asked for
+    checkpoint = tmp_path / "iter_4.pth"
+    checkpoint.touch()
+    cfg = tm.load_config(path, work_dir=tmp_path, resume=str(checkpoint))
+    assert cfg.resume and cfg.load_from == str(checkpoint) and cfg.work_dir == str(tmp_path)
+    cfg = tm.load_config(path, resume="auto")
+    assert cfg.resume and cfg.load_from is None  # mmengine then takes the work dir's last checkpoint
+    with pytest.raises(FileNotFoundError, match="iter_8.pth' does not exist"):
+        tm.load_config(path, resume=str(tmp_path / "iter_8.pth"))
+    with pytest.raises(ValueError, match="either resume .* or load_from"):
+        tm.load_config(path, resume="auto", load_from=checkpoint)
+    with pytest.raises(ValueError, match="launcher"):
+        tm.load_config(path, launcher="torchrun")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--amp needs a GPU"):
+            tm.load_config(path, amp=True)

@@ -1,0 +1,256 @@
+"""Benchmark timm/tokenzoo models against a base model: params, GMACs, tokens per block, eager PyTorch speed and,
+with --onnx, ONNX parity and onnxruntime edge latency.
+
+A thin command line over ``tokenzoo.profiling`` and ``tokenzoo.export``. Progress goes to stderr, the table to stdout,
+and --json writes every figure with the machine and settings it was measured with (the input of tools/model_zoo.py).
+
+Usage::
+
+    python tools/benchmark.py evit_small deit_small_patch16_224 --onnx --json results/evit_small.json
+    python tools/benchmark.py evit_small evit_tiny --base deit_small_patch16_224 --img-size 224 --batch-size 32
+"""
+import argparse
+import datetime
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tokenzoo.profiling import (
+    build_model, count_gmacs, count_params, eager_latency, eager_throughput, format_token_counts, machine_info,
+    to_img_size, token_counts)
+
+PARITY_BATCH_SIZES = (1, 3)  # more than one batch size proves the exported batch axis is dynamic
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description='Measure params, GMACs, token counts, eager PyTorch speed and (with --onnx) ONNX parity and '
+                    'onnxruntime latency of timm models, with ratios against a base model.')
+    parser.add_argument('models', nargs='+', metavar='MODEL',
+                        help='timm model names, e.g. evit_small deit_small_patch16_224 (the first is the base '
+                             'unless --base is given)')
+    parser.add_argument('--base', help='model the ratios are computed against (added to MODELS if missing)')
+    parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='N',
+                        help='input size: N (square) or H W (default: 224)')
+    parser.add_argument('--batch-size', type=int, default=32, help='batch size of the eager throughput (default: 32)')
+    parser.add_argument('--iters', type=int, default=30, help='timed iterations per measurement (default: 30)')
+    parser.add_argument('--warmup', type=int, default=10, help='untimed iterations before each (default: 10)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='CPU threads for eager PyTorch (torch.set_num_threads) and onnxruntime (intra-op) '
+                             '(default: 1, the edge protocol)')
+    parser.add_argument('--onnx', action='store_true', help='also export to ONNX, check parity, time onnxruntime')
+    parser.add_argument('--onnx-dir', type=Path,
+                        help='keep the ONNX files here as MODEL_HxW.onnx (implies --onnx; default: a temporary folder)')
+    parser.add_argument('--opset', type=int, help='ONNX opset (default: tokenzoo.export.DEFAULT_OPSET)')
+    parser.add_argument('--checkpoint', action='append', default=[], metavar='[MODEL=]PATH',
+                        help='local weights for MODEL (repeatable); a bare PATH only with a single model. '
+                             'Without it weights are random')
+    parser.add_argument('--json', type=Path, help='write the results here')
+    parser.add_argument('--force', action='store_true', help='overwrite an existing --json file and ONNX files')
+    return parser
+
+
+def _checkpoints(items: Sequence[str], models: Sequence[str]) -> dict[str, Path]:
+    """Map model names to checkpoint files from ``--checkpoint [MODEL=]PATH`` items."""
+    checkpoints = {}
+    for item in items:
+        name, sep, path = item.partition('=')
+        if not sep or name not in models:  # a bare path (which may itself contain '=')
+            if len(models) != 1:
+                raise ValueError(f"--checkpoint {item!r}: with several models write MODEL=PATH, MODEL one of {models}")
+            name, path = models[0], item
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--checkpoint {item!r}: {path} does not exist or is not a file")
+        checkpoints[name] = Path(path)
+    return checkpoints
+
+
+def _check_new_file(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check every argument before any model is built, and normalize them in place."""
+    args.img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
+    for key in ('batch_size', 'iters', 'warmup', 'threads'):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    args.base = args.base or args.models[0]
+    args.models = list(dict.fromkeys([args.base, *args.models]))  # base first, duplicates dropped
+    with torch.device('meta'):  # builds every model without allocating weights: checks names, sizes in milliseconds
+        for name in args.models:
+            build_model(name, img_size=args.img_size)
+    args.checkpoint = _checkpoints(args.checkpoint, args.models)
+    if args.json is not None:
+        _check_new_file(args.json, args.force)
+    args.onnx = args.onnx or args.onnx_dir is not None
+    if args.onnx:
+        try:  # onnx and onnxruntime are the optional ``export`` extra
+            from tokenzoo.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
+        except ImportError as e:
+            raise ValueError(f"--onnx needs the export extra (pip install -e .[export]): {e}") from e
+        args.opset = DEFAULT_OPSET if args.opset is None else args.opset
+        if args.opset not in SUPPORTED_OPSETS:
+            raise ValueError(f"--opset {args.opset} is not supported; allowed: {list(SUPPORTED_OPSETS)}")
+    if args.onnx_dir is not None:
+        args.onnx_dir.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            _check_new_file(_onnx_path(args.onnx_dir, name, args.img_size), args.force)
+
+
+def _onnx_path(folder: Path, name: str, img_size: tuple[int, int]) -> Path:
+    return folder / f'{name}_{img_size[0]}x{img_size[1]}.onnx'
+
+
+def _measure_onnx(model: torch.nn.Module, path: Path, args: argparse.Namespace, step: Callable[[str], None]) -> dict:
+    # imported here: onnx/onnxruntime are the optional ``export`` extra, not needed without --onnx
+    from tokenzoo.export.latency import ort_latency
+    from tokenzoo.export.onnx_export import PARITY_TOL, check_parity, export_onnx
+
+    step(f"exporting ONNX (opset {args.opset})")
+    export_onnx(model, path, img_size=args.img_size, opset=args.opset, force=args.force)
+    step(f"parity vs PyTorch at batch {', '.join(map(str, PARITY_BATCH_SIZES))}")
+    diffs = check_parity(model, path, batch_sizes=PARITY_BATCH_SIZES, img_size=args.img_size)
+    step(f"onnxruntime latency (batch 1, {args.threads} thread(s))")
+    latency = ort_latency(path, batch_size=1, img_size=args.img_size, threads=args.threads, warmup=args.warmup,
+                          runs=args.iters)
+    return dict(
+        path=str(path) if args.onnx_dir is not None else None,  # None: exported to a temporary folder, deleted
+        opset=args.opset,
+        parity_max_abs_diff={str(b): d for b, d in diffs.items()},
+        parity_ok=max(diffs.values()) <= PARITY_TOL,
+        ort_latency=latency,
+    )
+
+
+def measure_model(name: str, args: argparse.Namespace, onnx_dir: Path | None, step: Callable[[str], None]) -> dict:
+    """Measure one model; ``step`` reports progress."""
+    checkpoint = args.checkpoint.get(name)
+    step('building model' + ('' if checkpoint else ' (random weights)'))
+    model = build_model(name, img_size=args.img_size, checkpoint=checkpoint)
+    step('counting params, GMACs and tokens')
+    try:
+        tokens = token_counts(model, args.img_size)
+    except ValueError:  # not a ViT (e.g. a CNN used as a reference): tokens are undefined
+        tokens = None
+    result: dict[str, Any] = dict(
+        name=name,
+        weights=str(checkpoint) if checkpoint else 'random',
+        params_m=count_params(model) / 1e6,
+        gmacs=count_gmacs(model, args.img_size),
+        tokens_per_block=tokens,
+    )
+    step(f"eager throughput (batch {args.batch_size})")
+    result['eager_throughput_ips'] = eager_throughput(model, args.batch_size, args.img_size, args.warmup, args.iters)
+    step('eager latency (batch 1)')
+    result['eager_latency_ms'] = eager_latency(model, 1, args.img_size, args.warmup, args.iters)
+    result['onnx'] = _measure_onnx(model, _onnx_path(onnx_dir, name, args.img_size), args, step) if onnx_dir else None
+    return result
+
+
+def add_ratios(results: list[dict], base: str) -> None:
+    """Add ``ratios`` (model / base) to each result: GMACs, eager throughput (speedup) and ORT p50 latency."""
+    ref = next(r for r in results if r['name'] == base)
+    for r in results:
+        r['ratios'] = dict(
+            gmacs=r['gmacs'] / ref['gmacs'],
+            eager_throughput=r['eager_throughput_ips'] / ref['eager_throughput_ips'],
+            ort_latency_p50=r['onnx']['ort_latency']['p50_ms'] / ref['onnx']['ort_latency']['p50_ms']
+            if r['onnx'] else None,
+        )
+
+
+def format_report(report: dict) -> str:
+    """The human-readable summary printed to stdout: protocol lines and a Markdown table."""
+    s, m = report['settings'], report['machine']
+    h, w = s['img_size']
+    lines = [
+        f"# {len(report['models'])} models at {h}x{w}, float32, ratios vs {s['base']}",
+        f"machine: {m['cpu']} ({m['cpu_usable']} usable cores), {m['platform']}, torch {m['torch']}, "
+        f"timm {m['timm']}, onnxruntime {m['onnxruntime']}",
+        f"eager: PyTorch inference_mode, {m['torch_num_threads']} thread(s), throughput at batch {s['batch_size']}, "
+        f"latency at batch 1, {s['warmup']} warm-up + {s['iters']} timed",
+    ]
+    if s['onnx']:
+        lines.append(f"onnxruntime: CPU EP, {s['threads']} intra-op thread(s), 1 inter-op, sequential, ORT_ENABLE_ALL, "
+                     f"opset {s['opset']}, batch 1, {s['warmup']} warm-up + {s['iters']} timed")
+    random = [r['name'] for r in report['models'] if r['weights'] == 'random']
+    if random:
+        lines.append(f"weights: RANDOM (no --checkpoint) for {', '.join(random)}")
+    header = ['model', 'params (M)', 'GMACs', 'GMACs vs base', 'tokens per block', f"eager img/s (b{s['batch_size']})",
+              'speedup vs base', 'eager b1 p50 (ms)']
+    if s['onnx']:
+        header += ['ORT b1 p50 / p90 (ms)', 'ORT p50 vs base', 'parity max abs diff (b1 / b3)']
+    rows = []
+    for r in report['models']:
+        row = [r['name'], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}", f"{r['ratios']['gmacs']:.3f}",
+               format_token_counts(r['tokens_per_block']), f"{r['eager_throughput_ips']:.1f}",
+               f"{r['ratios']['eager_throughput']:.2f}x", f"{r['eager_latency_ms']['p50_ms']:.2f}"]
+        if r['onnx']:
+            lat, diffs = r['onnx']['ort_latency'], r['onnx']['parity_max_abs_diff']
+            row += [f"{lat['p50_ms']:.2f} / {lat['p90_ms']:.2f}", f"{r['ratios']['ort_latency_p50']:.3f}",
+                    ' / '.join(f'{d:.1e}' for d in diffs.values()) + ('' if r['onnx']['parity_ok'] else ' FAIL')]
+        rows.append(row)
+    lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def _progress(prefix: str, msg: str) -> None:
+    print(f'{prefix}: {msg}', file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code (1 if an ONNX parity check failed)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _validate(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+    # one protocol for both runtimes; torch's default (all cores) also collapses when the machine is busy
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix='tokenzoo-onnx-') as tmp:
+        onnx_dir = (args.onnx_dir or Path(tmp)) if args.onnx else None
+        for i, name in enumerate(args.models, 1):
+            step = functools.partial(_progress, f'[{i}/{len(args.models)}] {name}')
+            results.append(measure_model(name, args, onnx_dir, step))
+    add_ratios(results, args.base)
+
+    report = dict(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        command=['tools/benchmark.py', *(sys.argv[1:] if argv is None else argv)],
+        machine=machine_info(),
+        settings=dict(
+            base=args.base, img_size=list(args.img_size), precision='float32', batch_size=args.batch_size,
+            iters=args.iters, warmup=args.warmup, threads=args.threads, onnx=args.onnx,
+            opset=args.opset if args.onnx else None,
+            eager='PyTorch eager, torch.inference_mode, eval mode, torch.set_num_threads(threads)',
+            ort_session='CPUExecutionProvider, intra_op_num_threads=threads, inter_op_num_threads=1, sequential, '
+                        'ORT_ENABLE_ALL' if args.onnx else None,
+        ),
+        models=results,
+    )
+    print(format_report(report))
+    if args.json is not None:
+        _check_new_file(args.json, args.force)  # again: the file may have appeared during the run
+        args.json.write_text(json.dumps(report, indent=2) + '\n')
+        print(f"wrote {args.json}", file=sys.stderr)
+    failed = [r['name'] for r in results if r['onnx'] and not r['onnx']['parity_ok']]
+    if failed:
+        print(f"ONNX parity FAILED (max abs diff > tolerance) for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
