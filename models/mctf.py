@@ -9,7 +9,9 @@ its own attention on the unreduced tokens (q and k only), scores (A, B) pairs by
 each to the power 1 / tau (Eq. 3-6; tau_sim 1, tau_info 20, tau_size 40), fuses by bidirectional bipartite matching
 (r // 2 tokens A to B, the rest B to the A tokens that stayed; CLS protected), with each fused token the average of
 its parts weighted by attention received x size, and sizes adding up. The attention matrix is fused the same way and
-reused for the block's output (v is computed on the fused tokens), not recomputed. Proportional attention (log size
+reused for the block's output (v is computed on the fused tokens), not recomputed; the product of the fused matrix
+with the values is evaluated in an equivalent order that never builds the fused matrix (see
+``layers.fusion.one_step_ahead_attention``). Proportional attention (log size
 added to the logits) is on. Defaults: r = 16 at blocks 1-11, which takes DeiT-S at 224 through
 [197, 181, 165, ..., 37, 21] tokens (CLS included); MCTF-Fast fuses 35% of the patch tokens at blocks 3, 6 and 9
 ([197, 197, 197, 129, 129, 129, 85, 85, 85, 56, 56, 56]). ``consistency_training_loss`` is the paper's
@@ -22,6 +24,8 @@ Differences from the official code, and why:
   ``consistency_training_loss`` runs them as two forwards of the same weights, which is the same computation.
 * Fusion sums with ``scatter_add`` (or a one-hot matrix product, ``scatter_free=True``) and divides, instead of
   ``scatter_reduce``, whose 'mean' exports to ONNX with wrong results.
+* Attention dropout (0 in DeiT and in the paper's setting) applies to the matrix before fusion, not after: the
+  fused matrix is never built.
 * The floor of 10 remaining tokens is applied after a ratio r is turned into a token count (the official code
   compares the ratio itself); the two agree wherever the floor matters at the paper's settings (never at 224).
 * DeiT-B uses the DeiT-S/T setting (r = 16): the official code ships no DeiT-B schedule.
@@ -36,8 +40,9 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, fuse_attention,
-                     merge_sum, merge_weighted_average, multi_criteria_scores, received_attention, size_bias)
+from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, merge_sum,
+                     merge_weighted_average, multi_criteria_scores, one_step_ahead_attention, received_attention,
+                     size_bias)
 from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
 
 __all__ = ["MCTF", "MCTFBlock", "consistency_training_loss"]
@@ -98,12 +103,13 @@ class MCTFBlock(Block):
             weight = received_attention(attn).unsqueeze(-1) * size
             size = merge_sum(size, destination, num_new, self.scatter_free)
         x, _ = merge_weighted_average(x, weight, destination, num_new, self.scatter_free)
-        attn = fuse_attention(attn, weight, destination, num_new, self.scatter_free)
+        values = self.attn.values(self.norm1(x))  # computed on the fused tokens
+        attn_out = one_step_ahead_attention(self.attn.attn_drop(attn), values, weight, destination, self.scatter_free)
         sources = record.sources
         if sources is not None:  # CLS stays token 0, so patch indices shift by one on both sides
             sources = compose_sources(sources, destination[:, 1:] - 1, num_new - 1)
 
-        x = x + self.drop_path1(self.ls1(self.attn.forward_from_probs(self.norm1(x), attn)))
+        x = x + self.drop_path1(self.ls1(self.attn.project(attn_out)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, TokenRecord(size=size, sources=sources)
 

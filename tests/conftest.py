@@ -1,5 +1,5 @@
 """Shared fixtures and the `slow` marker (slow tests run by default; `-m "not slow"` skips them)."""
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 import torch
@@ -27,6 +27,15 @@ def record_block_outputs(model: torch.nn.Module) -> List[int]:
     for blk in model.blocks:
         blk.register_forward_hook(hook)
     return counts
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: tiny models are latency-bound, extra threads only contend on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ def test_one_step_ahead_attention_is_fused_and_reused_not_recomputed() -> None:
         average = weighted / weighted.sum(-1, keepdim=True)
         fused_x = average @ x[0]
         fused_attn = average @ attn[0] @ members.T  # (H, 157, 157)
-        expected = fused_x + block.attn.forward_from_probs(block.norm1(fused_x)[None], fused_attn[None])[0]
+        values = block.attn.values(block.norm1(fused_x)[None])[0]  # (H, 157, D)
+        expected = fused_x + block.attn.proj((fused_attn @ values).transpose(0, 1).reshape(157, 192))
         expected = expected + block.mlp(block.norm2(expected))
         recomputed = fused_x + block.attn(block.norm1(fused_x)[None])[0]
     assert out.shape == (1, 157, 192) and record.size.sum() == 197

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from tokenzoo.layers import (bipartite_soft_matching, cosine_scores, fuse_attention, merge_sum, merge_weighted_average,
-                             multi_criteria_scores, reduction_schedule)
+from tokenzoo.layers import (bipartite_soft_matching, cosine_scores, merge_sum, merge_weighted_average,
+                             multi_criteria_scores, one_step_ahead_attention, reduction_schedule)
 
 
 def reference_matching(scores: torch.Tensor, r: int, r_reverse: int) -> list:
@@ -78,16 +78,18 @@ def test_multi_criteria_scores_follow_the_paper_equations() -> None:
     torch.testing.assert_close(only_similarity[:, 1:], ((cosine_scores(x)[:, 1:]) + 1) / 2)
 
 
-def test_fused_attention_sums_keys_and_averages_queries() -> None:
+def test_one_step_ahead_attention_equals_the_fused_matrix_times_the_fused_values() -> None:
     attn, weight = torch.rand(2, 3, 6, 6).softmax(-1), torch.rand(2, 6, 1) + 0.1
     destination = torch.tensor([[0, 1, 1, 2, 3, 2], [0, 3, 1, 1, 2, 3]])
-    fused = fuse_attention(attn, weight, destination, 4)
+    v = torch.randn(2, 3, 4, 5)
     members = torch.nn.functional.one_hot(destination, 4).float().transpose(1, 2)  # (B, G, N)
     weighted = members * weight.transpose(1, 2)
-    expected = (weighted / weighted.sum(-1, keepdim=True)).unsqueeze(1) @ attn @ members.transpose(1, 2).unsqueeze(1)
-    torch.testing.assert_close(fused, expected)
-    torch.testing.assert_close(fused.sum(-1), torch.ones(2, 3, 4))  # rows stay stochastic
-    torch.testing.assert_close(fuse_attention(attn, weight, destination, 4, scatter_free=True), fused)
+    average = (weighted / weighted.sum(-1, keepdim=True)).unsqueeze(1)
+    fused_matrix = average @ attn @ members.transpose(1, 2).unsqueeze(1)  # the paper's A' (B, H, G, G)
+    torch.testing.assert_close(fused_matrix.sum(-1), torch.ones(2, 3, 4))  # rows stay stochastic
+    expected = (fused_matrix @ v).transpose(1, 2).reshape(2, 4, 15)
+    torch.testing.assert_close(one_step_ahead_attention(attn, v, weight, destination), expected)
+    torch.testing.assert_close(one_step_ahead_attention(attn, v, weight, destination, scatter_free=True), expected)
 
 
 def test_reduction_schedule_forms() -> None:

@@ -5,7 +5,6 @@ import json
 import pickle
 import runpy
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,12 +21,7 @@ from test_mm_configs import FAMILIES, TINY_KWARGS, family_config
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _family_backbone(family: str, **kwargs) -> tm.TokenZooViT:

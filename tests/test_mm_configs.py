@@ -7,7 +7,7 @@ its kwargs to ``TINY_KWARGS``. The end-to-end runs are in test_mm_train.py.
 import ast
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -34,13 +34,7 @@ PATTERNS = {
 CASES = [(family, task) for family in FAMILIES for task in TASKS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models are latency-bound: extra threads only contend with each other (and other test runs) on 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def family_config(family: str, task: str, dataset: str) -> Path:

@@ -9,11 +9,10 @@ import runpy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
-import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from PIL import Image
@@ -36,12 +35,7 @@ class Run:
     losses: np.ndarray  # total loss of every iteration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Benchmark timm/tokenzoo models against a base model: params, GMACs, tokens per block, eager PyTorch speed and,
-with --onnx, ONNX parity and onnxruntime edge latency.
+with --onnx, ONNX parity and onnxruntime edge latency; with --dense, the backbone of OpenMMLab configs as it runs
+inside the detector or segmentor (full-resolution maps at the config's training size).
 
 A thin command line over ``tokenzoo.profiling`` and ``tokenzoo.export``. Progress goes to stderr, the table to stdout,
 and --json writes every figure with the machine and settings it was measured with (the input of tools/model_zoo.py).
@@ -8,6 +9,8 @@ Usage::
 
     python tools/benchmark.py evit_small deit_small_patch16_224 --onnx --json results/evit_small.json
     python tools/benchmark.py evit_small evit_tiny --base deit_small_patch16_224 --img-size 224 --batch-size 32
+    python tools/benchmark.py --dense configs/deit/upernet_deit-small_mln_8xb2-160k_ade20k-512x512.py \
+        configs/evit/upernet_evit-small-kr0.7_mln_8xb2-160k_ade20k-512x512.py --json results/dense_upernet.json
 """
 import argparse
 import datetime
@@ -32,8 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         description='Measure params, GMACs, token counts, eager PyTorch speed and (with --onnx) ONNX parity and '
                     'onnxruntime latency of timm models, with ratios against a base model.')
     parser.add_argument('models', nargs='+', metavar='MODEL',
-                        help='timm model names, e.g. evit_small deit_small_patch16_224 (the first is the base '
-                             'unless --base is given)')
+                        help='timm model names, e.g. evit_small deit_small_patch16_224, or with --dense OpenMMLab '
+                             'config files (the first is the base unless --base is given)')
+    parser.add_argument('--dense', action='store_true',
+                        help="MODELs are OpenMMLab configs: time each config's backbone at its training size "
+                             "(batch 1, maps of its out_indices), against the first (e.g. the DeiT baseline)")
     parser.add_argument('--base', help='model the ratios are computed against (added to MODELS if missing)')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='N',
                         help='input size: N (square) or H W (default: 224)')
@@ -85,6 +91,16 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     args.base = args.base or args.models[0]
     args.models = list(dict.fromkeys([args.base, *args.models]))  # base first, duplicates dropped
+    if args.dense:
+        if args.onnx or args.onnx_dir is not None or args.checkpoint:
+            raise ValueError("--dense times backbones with random weights in PyTorch; --onnx, --onnx-dir and "
+                             "--checkpoint are for classification models")
+        missing = [c for c in args.models if not Path(c).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--dense expects config files; not found: {', '.join(missing)}")
+        if args.json is not None:
+            _check_new_file(args.json, args.force)
+        return
     with torch.device('meta'):  # builds every model without allocating weights: checks names, sizes in milliseconds
         for name in args.models:
             build_model(name, img_size=args.img_size)
@@ -156,6 +172,58 @@ def measure_model(name: str, args: argparse.Namespace, onnx_dir: Path | None, st
     return result
 
 
+def measure_backbone(config: str, args: argparse.Namespace, step: Callable[[str], None]) -> dict:
+    """Measure the backbone of one OpenMMLab config at the size the config trains at (random weights)."""
+    from tokenzoo.mm import build_backbone  # OpenMMLab is the optional ``mm`` extra, needed only with --dense
+
+    step('building the backbone (random weights)')
+    backbone = build_backbone(config)
+    img_size = backbone.img_size
+    step(f'counting params, GMACs and tokens at {img_size[0]}x{img_size[1]}')
+    result: dict[str, Any] = dict(
+        name=config,
+        model_name=backbone.model_name,
+        img_size=list(img_size),
+        out_indices=list(backbone.out_indices),
+        params_m=count_params(backbone) / 1e6,
+        gmacs=count_gmacs(backbone, img_size),
+        tokens_per_block=token_counts(backbone.vit, img_size),
+    )
+    step('eager latency (batch 1)')
+    result['eager_latency_ms'] = eager_latency(backbone, 1, img_size, args.warmup, args.iters)
+    return result
+
+
+def add_dense_ratios(results: list[dict], base: str) -> None:
+    """Add ``ratios`` (config / base) of GMACs and eager batch-1 latency to each dense result."""
+    ref = next(r for r in results if r['name'] == base)
+    for r in results:
+        r['ratios'] = dict(gmacs=r['gmacs'] / ref['gmacs'],
+                           eager_latency_p50=r['eager_latency_ms']['p50_ms'] / ref['eager_latency_ms']['p50_ms'])
+
+
+def format_dense_report(report: dict) -> str:
+    """The summary of a --dense run: protocol lines and a Markdown table."""
+    s, m = report['settings'], report['machine']
+    lines = [
+        f"# backbones of {len(report['models'])} configs, float32, batch 1, ratios vs {s['base']}",
+        f"machine: {m['cpu']} ({m['cpu_usable']} usable cores), {m['platform']}, torch {m['torch']}",
+        f"eager: PyTorch inference_mode, {m['torch_num_threads']} thread(s), {s['warmup']} warm-up + {s['iters']} "
+        f"timed, random weights, full-resolution maps of the config's out_indices",
+        '',
+        '| config | backbone | input | params (M) | GMACs | GMACs vs base | tokens per block | eager b1 p50 / p90 (ms) '
+        '| latency vs base |',
+        '|' + '---|' * 9,
+    ]
+    for r in report['models']:
+        lat = r['eager_latency_ms']
+        lines.append(f"| {Path(r['name']).name} | {r['model_name']} | {r['img_size'][0]}x{r['img_size'][1]} | "
+                     f"{r['params_m']:.2f} | {r['gmacs']:.1f} | {r['ratios']['gmacs']:.3f} | "
+                     f"{format_token_counts(r['tokens_per_block'])} | {lat['p50_ms']:.0f} / {lat['p90_ms']:.0f} | "
+                     f"{r['ratios']['eager_latency_p50']:.3f} |")
+    return '\n'.join(lines)
+
+
 def add_ratios(results: list[dict], base: str) -> None:
     """Add ``ratios`` (model / base) to each result: GMACs, eager throughput (speedup) and ORT p50 latency."""
     ref = next(r for r in results if r['name'] == base)
@@ -224,15 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         onnx_dir = (args.onnx_dir or Path(tmp)) if args.onnx else None
         for i, name in enumerate(args.models, 1):
             step = functools.partial(_progress, f'[{i}/{len(args.models)}] {name}')
-            results.append(measure_model(name, args, onnx_dir, step))
-    add_ratios(results, args.base)
+            results.append(measure_backbone(name, args, step) if args.dense else
+                           measure_model(name, args, onnx_dir, step))
+    (add_dense_ratios if args.dense else add_ratios)(results, args.base)
 
     report = dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         command=['tools/benchmark.py', *(sys.argv[1:] if argv is None else argv)],
         machine=machine_info(),
         settings=dict(
-            base=args.base, img_size=list(args.img_size), precision='float32', batch_size=args.batch_size,
+            base=args.base, dense=args.dense, img_size=None if args.dense else list(args.img_size),
+            precision='float32', batch_size=args.batch_size,
             iters=args.iters, warmup=args.warmup, threads=args.threads, onnx=args.onnx,
             opset=args.opset if args.onnx else None,
             eager='PyTorch eager, torch.inference_mode, eval mode, torch.set_num_threads(threads)',
@@ -241,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         models=results,
     )
-    print(format_report(report))
+    print(format_dense_report(report) if args.dense else format_report(report))
     if args.json is not None:
         _check_new_file(args.json, args.force)  # again: the file may have appeared during the run
         args.json.write_text(json.dumps(report, indent=2) + '\n')

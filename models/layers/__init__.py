@@ -1,7 +1,7 @@
 """The shared token-reduction core: pure tensor operators that the families compose (DESIGN contract 4)."""
 from .attention import TokenAttention, cls_attention, size_bias
 from .keep import keep_topk
-from .fusion import fuse_attention, multi_criteria_scores, received_attention
+from .fusion import multi_criteria_scores, one_step_ahead_attention, received_attention
 from .merge import (RSchedule, bipartite_soft_matching, cosine_scores, merge_sum, merge_weighted_average, protect_rows,
                     reduction_schedule)
 from .record import TokenRecord, compose_sources, destination_of_kept, identity_sources, restore
@@ -11,6 +11,6 @@ __all__ = [
     "keep_topk",
     "RSchedule", "bipartite_soft_matching", "cosine_scores", "merge_sum", "merge_weighted_average", "protect_rows",
     "reduction_schedule",
-    "fuse_attention", "multi_criteria_scores", "received_attention",
+    "multi_criteria_scores", "one_step_ahead_attention", "received_attention",
     "TokenRecord", "compose_sources", "destination_of_kept", "identity_sources", "restore",
 ]

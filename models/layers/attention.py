@@ -75,8 +75,7 @@ class TokenAttention(Attention):
         B, _, N, _ = out.shape
         # An explicit copy, not reshape's "copy if needed": torch 2.14's export records the reshape of an SDPA-with-mask
         # output as a view, valid for the CPU kernel's memory layout but not after ONNX decomposition.
-        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.project(out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, N, self.attn_dim))
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -106,14 +105,17 @@ class TokenAttention(Attention):
         return self._project(self._fused(q, k, v, attn_bias))
 
     def attention_probs(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention probabilities (B, H, N, N), before dropout; computes only q and k."""
+        """Attention probabilities (B, H, N, N), before dropout; computes only q and k (MCTF)."""
         q, k = self._heads(x, 0, 2).unbind(0)
         logits = (self.q_norm(q) * self.scale) @ self.k_norm(k).transpose(-2, -1)
         if attn_bias is not None:
             logits = logits + attn_bias
         return logits.softmax(dim=-1)
 
-    def forward_from_probs(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Attention output (B, N, C) for given probabilities (B, H, N, N); computes only v."""
-        v = self._heads(x, 2, 1)[0]
-        return self._project(self.attn_drop(attn) @ v)
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Values (B, H, N, D) alone (MCTF computes them after fusion)."""
+        return self._heads(x, 2, 1)[0]
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """Output projection of heads-concatenated attention outputs: (B, N, H * D) -> (B, N, C)."""
+        return self.proj_drop(self.proj(self.norm(out)))

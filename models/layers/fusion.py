@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from .merge import merge_sum, merge_weighted_average, protect_rows
+from .merge import merge_weighted_average, protect_rows
 
-__all__ = ["fuse_attention", "multi_criteria_scores", "received_attention"]
+__all__ = ["multi_criteria_scores", "one_step_ahead_attention", "received_attention"]
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
@@ -72,27 +72,31 @@ def multi_criteria_scores(
         return protect_rows(scores, num_protected)
 
 
-def fuse_attention(
-        attn: torch.Tensor, weight: torch.Tensor, destination: torch.Tensor, num_new: int, scatter_free: bool = False,
+def one_step_ahead_attention(
+        attn: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, destination: torch.Tensor,
+        scatter_free: bool = False,
 ) -> torch.Tensor:
-    """One-step-ahead attention: the attention matrix of the fused tokens, from the one before fusion.
+    """Attention output of the fused tokens from the attention matrix before fusion (MCTF Sec. 3.4).
 
-    Key columns of fused tokens are summed (a fused key receives what its parts received, so rows stay stochastic);
-    query rows are averaged with the fusion weights, like the tokens themselves.
+    The paper fuses the matrix itself, A' = P A M^T (key columns summed by the membership M, query rows averaged by
+    P, the fusion weights normalized per fused token), and multiplies it with the fused values. The same product is
+    evaluated here as P (A (M^T v)): M^T v gathers each fused value back to its parts, A multiplies as ordinary
+    attention over the N tokens, and P averages the rows like the tokens themselves. No G x G matrix and no scatter
+    over the N x N matrix are needed, so the cost is that of plain attention over N tokens.
 
     Args:
-        attn: (B, H, N, N) attention probabilities.
+        attn: (B, H, N, N) attention probabilities before fusion.
+        v: (B, H, G, D) values of the fused tokens.
         weight: (B, N, 1) fusion weights.
-        destination: (B, N) new index per old token.
-        num_new: G, tokens after fusion.
+        destination: (B, N) fused index of each token.
         scatter_free: See ``merge.merge_sum``.
 
     Returns:
-        (B, H, G, G).
+        (B, G, H * D) per-head outputs of the fused tokens, heads concatenated (before the output projection).
     """
-    B, H, N, _ = attn.shape
-    keys_first = attn.permute(0, 3, 1, 2).reshape(B, N, H * N)  # (B, keys, heads x queries)
-    fused_keys = merge_sum(keys_first, destination, num_new, scatter_free)  # (B, G, H * N)
-    queries_first = fused_keys.reshape(B, num_new, H, N).permute(0, 3, 2, 1).reshape(B, N, H * num_new)
-    fused, _ = merge_weighted_average(queries_first, weight, destination, num_new, scatter_free)  # (B, G, H * G)
-    return fused.reshape(B, num_new, H, num_new).transpose(1, 2)
+    B, H, G, D = v.shape
+    N = attn.shape[-1]
+    v_parts = v.gather(2, destination.view(B, 1, N, 1).expand(B, H, N, D))  # M^T v
+    out = (attn @ v_parts).transpose(1, 2).reshape(B, N, H * D)
+    fused, _ = merge_weighted_average(out, weight, destination, G, scatter_free)
+    return fused
