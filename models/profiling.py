@@ -302,6 +302,19 @@ def format_token_counts(counts: Sequence[int] | None) -> str:
     return ' '.join(f'{n}x{k}' if k > 1 else str(n) for n, k in runs)
 
 
+def dense_table(results: Sequence[dict]) -> list[str]:
+    """Markdown table of ``tools/benchmark.py --dense`` results (one backbone per config), for reports and the zoo."""
+    lines = ['| config | backbone | input | params (M) | GMACs | GMACs vs base | tokens per block | '
+             'eager b1 p50 / p90 (ms) | latency vs base |', '|' + '---|' * 9]
+    for r in results:
+        lat = r['eager_latency_ms']
+        lines.append(f"| {Path(r['name']).name} | `{r['model_name']}` | {r['img_size'][0]}x{r['img_size'][1]} | "
+                     f"{r['params_m']:.2f} | {r['gmacs']:.1f} | {r['ratios']['gmacs']:.3f} | "
+                     f"{format_token_counts(r['tokens_per_block'])} | {lat['p50_ms']:.0f} / {lat['p90_ms']:.0f} | "
+                     f"{r['ratios']['eager_latency_p50']:.3f} |")
+    return lines
+
+
 def _sync(device: torch.device) -> None:
     # CUDA kernels run asynchronously; without a sync the timer would stop before the work is done
     if device.type == 'cuda':

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tokenzoo.profiling import (
-    build_model, count_gmacs, count_params, eager_latency, eager_throughput, format_token_counts, machine_info,
-    to_img_size, token_counts)
+    build_model, count_gmacs, count_params, dense_table, eager_latency, eager_throughput, format_token_counts,
+    machine_info, to_img_size, token_counts)
 
 PARITY_BATCH_SIZES = (1, 3)  # more than one batch size proves the exported batch axis is dynamic
 
@@ -205,23 +205,14 @@ def add_dense_ratios(results: list[dict], base: str) -> None:
 def format_dense_report(report: dict) -> str:
     """The summary of a --dense run: protocol lines and a Markdown table."""
     s, m = report['settings'], report['machine']
-    lines = [
+    return '\n'.join([
         f"# backbones of {len(report['models'])} configs, float32, batch 1, ratios vs {s['base']}",
         f"machine: {m['cpu']} ({m['cpu_usable']} usable cores), {m['platform']}, torch {m['torch']}",
         f"eager: PyTorch inference_mode, {m['torch_num_threads']} thread(s), {s['warmup']} warm-up + {s['iters']} "
         f"timed, random weights, full-resolution maps of the config's out_indices",
         '',
-        '| config | backbone | input | params (M) | GMACs | GMACs vs base | tokens per block | eager b1 p50 / p90 (ms) '
-        '| latency vs base |',
-        '|' + '---|' * 9,
-    ]
-    for r in report['models']:
-        lat = r['eager_latency_ms']
-        lines.append(f"| {Path(r['name']).name} | {r['model_name']} | {r['img_size'][0]}x{r['img_size'][1]} | "
-                     f"{r['params_m']:.2f} | {r['gmacs']:.1f} | {r['ratios']['gmacs']:.3f} | "
-                     f"{format_token_counts(r['tokens_per_block'])} | {lat['p50_ms']:.0f} / {lat['p90_ms']:.0f} | "
-                     f"{r['ratios']['eager_latency_p50']:.3f} |")
-    return '\n'.join(lines)
+        *dense_table(report['models']),
+    ])
 
 
 def add_ratios(results: list[dict], base: str) -> None:
@@ -316,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_new_file(args.json, args.force)  # again: the file may have appeared during the run
         args.json.write_text(json.dumps(report, indent=2) + '\n')
         print(f"wrote {args.json}", file=sys.stderr)
-    failed = [r['name'] for r in results if r['onnx'] and not r['onnx']['parity_ok']]
+    failed = [r['name'] for r in results if r.get('onnx') and not r['onnx']['parity_ok']]
     if failed:
         print(f"ONNX parity FAILED (max abs diff > tolerance) for {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from tokenzoo.profiling import format_token_counts
+from tokenzoo.profiling import dense_table, format_token_counts
 
 _REQUIRED = {
     'run': ('created', 'machine', 'settings', 'models'),
@@ -24,6 +24,8 @@ _REQUIRED = {
     'settings': ('base', 'img_size', 'precision', 'batch_size', 'iters', 'warmup', 'threads', 'onnx'),
     'model': ('name', 'weights', 'params_m', 'gmacs', 'tokens_per_block', 'eager_throughput_ips', 'eager_latency_ms',
               'onnx', 'ratios'),
+    'dense model': ('name', 'model_name', 'img_size', 'params_m', 'gmacs', 'tokens_per_block', 'eager_latency_ms',
+                    'ratios'),
 }
 
 
@@ -58,7 +60,7 @@ def load_run(path: Path) -> dict[str, Any]:
     _require(run['machine'], 'machine', str(path))
     _require(run['settings'], 'settings', str(path))
     for model in run['models']:
-        _require(model, 'model', str(path))
+        _require(model, 'dense model' if run['settings'].get('dense') else 'model', str(path))
     return run
 
 
@@ -103,6 +105,21 @@ def _table(run: dict) -> list[str]:
     return lines
 
 
+def _dense_section(run: dict, source: str) -> list[str]:
+    m, s = run['machine'], run['settings']
+    return [
+        f"- **Machine**: {m['cpu']}, {m['cpu_usable']} usable cores, {m['platform']}",
+        f"- **Software**: torch {m['torch']}, timm {m['timm']}",
+        f"- **Protocol**: the backbone of each OpenMMLab config as built by the config (random weights), eager "
+        f"PyTorch, eval, `torch.inference_mode`, {m['torch_num_threads']} thread(s), batch 1 at the config's training "
+        f"size, full-resolution maps of its out_indices; {s['warmup']} warm-up + {s['iters']} timed iterations",
+        f"- **Ratios** are config / `{Path(s['base']).name}`",
+        f"- **Source**: `{source}`, measured {run['created']}",
+        '',
+        *dense_table(run['models']),
+    ]
+
+
 def render(runs: Sequence[tuple[str, dict]]) -> str:
     """Render model_zoo.md from ``(source name, run)`` pairs, one section per run."""
     sources = ', '.join(f'`{source}`' for source, _ in runs)
@@ -119,8 +136,12 @@ def render(runs: Sequence[tuple[str, dict]]) -> str:
     ]
     for i, (source, run) in enumerate(runs, 1):
         s = run['settings']
-        lines += ['', f"## Run {i}: {s['img_size'][0]}x{s['img_size'][1]}, base `{s['base']}`", '']
-        lines += _protocol(run, source) + [''] + _table(run)
+        if s.get('dense'):
+            lines += ['', f"## Run {i}: backbones inside detection / segmentation, base `{Path(s['base']).name}`", '']
+            lines += _dense_section(run, source)
+        else:
+            lines += ['', f"## Run {i}: {s['img_size'][0]}x{s['img_size'][1]}, base `{s['base']}`", '']
+            lines += _protocol(run, source) + [''] + _table(run)
     return '\n'.join(lines) + '\n'
 
 
