@@ -97,13 +97,14 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
     B, num_a, num_b = scores.shape
     with torch.no_grad():  # indices only; built from sorts, cumsum and gathers, no scatter (see scatter_free)
         best_score, best_b = scores.max(dim=-1)
-        rank_a = best_score.argsort(dim=-1, descending=True).argsort(dim=-1)  # edge rank of each A token
+        order_a = best_score.argsort(dim=-1, descending=True)  # A tokens by edge strength
+        rank_a = order_a.argsort(dim=-1)  # edge rank of each A token
         merged_a = rank_a < r
         # A tokens that stay keep their original order: new index = number of staying A tokens before them
         kept_a_index = (~merged_a).cumsum(dim=-1) - 1
         num_kept_a = num_a - r
         if r_reverse:
-            kept_a = rank_a.argsort(dim=-1)[:, r:].sort(dim=-1).values  # staying A tokens in original order
+            kept_a = order_a[:, r:].sort(dim=-1).values  # staying A tokens in original order
             reverse = scores.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)
             best_score_b, best_kept_a = reverse.max(dim=-1)  # best staying A token (its new index) per B token
             rank_b = best_score_b.argsort(dim=-1, descending=True).argsort(dim=-1)
