@@ -34,7 +34,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
 from .layers import TokenAttention, TokenRecord, compose_sources, destination_of_kept, keep_topk
-from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+from .token_vit import TokenVisionTransformer, build_token_vit, check_reduction_loc, deit_weights_cfg
 
 __all__ = ["EViT", "EViTBlock", "keep_rate_schedule"]
 
@@ -104,16 +104,14 @@ class EViT(TokenVisionTransformer):
         """
         depth = kwargs.get("depth", 12)
         _check_keep_rate(keep_rate)
-        if isinstance(reduction_loc, int) or not all(isinstance(i, int) and 0 <= i < depth for i in reduction_loc):
-            raise ValueError(f"reduction_loc must be a sequence of block indices in [0, {depth - 1}] "
-                             f"(depth {depth}), got {reduction_loc!r}")
+        reduction_loc = check_reduction_loc(reduction_loc, depth)
         if not kwargs.get("class_token", True) or kwargs.get("global_pool", "token") != "token":
             raise ValueError("EViT scores tokens with the CLS token's attention: class_token must be True and "
                              "global_pool 'token'")
         num_prefix_tokens = 1 + kwargs.get("reg_tokens", 0)
         block_fn = partial(EViTBlock, fuse_token=fuse_token, num_prefix_tokens=num_prefix_tokens)
         super().__init__(block_fn=block_fn, **kwargs)
-        self.reduction_loc = tuple(sorted(set(reduction_loc)))
+        self.reduction_loc = reduction_loc
         self.fuse_token = fuse_token
         self.set_keep_rate(keep_rate)
 

@@ -43,7 +43,8 @@ from timm.models.vision_transformer import Block
 from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, merge_sum,
                      merge_weighted_average, multi_criteria_scores, one_step_ahead_attention, received_attention,
                      size_bias)
-from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, check_reduction_loc,
+                        deit_weights_cfg)
 
 __all__ = ["MCTF", "MCTFBlock", "consistency_training_loss"]
 
@@ -153,17 +154,12 @@ class MCTF(TokenVisionTransformer):
         for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
             if isinstance(tau, bool) or not isinstance(tau, Real) or tau < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0 switches the criterion off), got {tau!r}")
-        if isinstance(reduction_loc, int) or not all(isinstance(i, int) and 0 <= i < depth for i in reduction_loc):
-            raise ValueError(f"reduction_loc must be a sequence of block indices in [0, {depth - 1}] "
-                             f"(depth {depth}), got {reduction_loc!r}")
-        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
-                kwargs.get("global_pool", "token") != "token":
-            raise ValueError("MCTF models here protect exactly one CLS token: class_token must be True, "
-                             "reg_tokens 0 and global_pool 'token'")
+        reduction_loc = check_reduction_loc(reduction_loc, depth)
+        check_one_cls_token(kwargs, "MCTF")
         block_fn = partial(MCTFBlock, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
                            bidirectional=bidirectional, prop_attn=prop_attn, scatter_free=scatter_free)
         super().__init__(block_fn=block_fn, **kwargs)
-        self.reduction_loc = tuple(sorted(set(reduction_loc)))
+        self.reduction_loc = reduction_loc
         self.set_r(r)
 
     def set_r(self, r: Union[int, float]) -> None:

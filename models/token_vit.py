@@ -28,7 +28,10 @@ from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_in
 
 from .layers import TokenRecord, identity_sources, restore
 
-__all__ = ["TokenVisionTransformer", "build_token_vit", "deit_weights_cfg", "to_2tuple_size"]
+__all__ = [
+    "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "check_reduction_loc", "deit_weights_cfg",
+    "to_2tuple_size",
+]
 
 DEIT_FILES = {
     "tiny": "deit_tiny_patch16_224-a1311bcf",
@@ -44,6 +47,22 @@ def to_2tuple_size(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
         return int(img_size[0]), int(img_size[1])
     raise ValueError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
+
+
+def check_reduction_loc(reduction_loc: Sequence[int], depth: int) -> Tuple[int, ...]:
+    """Sorted distinct block indices that reduce, or ValueError naming the allowed range."""
+    if isinstance(reduction_loc, int) or not all(isinstance(i, int) and 0 <= i < depth for i in reduction_loc):
+        raise ValueError(f"reduction_loc must be a sequence of block indices in [0, {depth - 1}] (depth {depth}), "
+                         f"got {reduction_loc!r}")
+    return tuple(sorted(set(reduction_loc)))
+
+
+def check_one_cls_token(kwargs: Dict[str, Any], family: str) -> None:
+    """Merging families protect exactly one leading CLS token: no register tokens, CLS pooling."""
+    if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
+            kwargs.get("global_pool", "token") != "token":
+        raise ValueError(f"{family} models here protect exactly one CLS token: class_token must be True, "
+                         f"reg_tokens 0 and global_pool 'token'")
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -113,7 +132,9 @@ class TokenVisionTransformer(VisionTransformer):
         x = self.patch_embed(x)
         return self.norm_pre(self._pos_embed(x))
 
-    def _run_block(self, blk: torch.nn.Module, x: torch.Tensor, record: TokenRecord) -> Tuple[torch.Tensor, TokenRecord]:
+    def _run_block(
+            self, blk: torch.nn.Module, x: torch.Tensor, record: TokenRecord,
+    ) -> Tuple[torch.Tensor, TokenRecord]:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(blk, x, record)
         return blk(x, record)

@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 
 from .layers import (RSchedule, TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, cosine_scores,
                      merge_weighted_average, reduction_schedule, size_bias)
-from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+from .token_vit import TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg
 
 __all__ = ["ToMe", "ToMeBlock"]
 
@@ -87,10 +87,7 @@ class ToMe(TokenVisionTransformer):
             scatter_free: Merge with a one-hot matrix product instead of scatter_add (same result).
             **kwargs: timm ``VisionTransformer`` arguments.
         """
-        if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
-                kwargs.get("global_pool", "token") != "token":
-            raise ValueError("ToMe models here protect exactly one CLS token: class_token must be True, "
-                             "reg_tokens 0 and global_pool 'token'")
+        check_one_cls_token(kwargs, "ToMe")
         reduction_schedule(r, kwargs.get("depth", 12))  # clear error before building anything
         block_fn = partial(ToMeBlock, prop_attn=prop_attn, scatter_free=scatter_free)
         super().__init__(block_fn=block_fn, **kwargs)

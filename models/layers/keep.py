@@ -6,7 +6,9 @@ import torch
 __all__ = ["keep_topk"]
 
 
-def keep_topk(tokens: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def keep_topk(
+        tokens: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``num_keep`` highest-scoring tokens; optionally fuse the others into one token appended at the end.
 
     The fused token is the score-weighted sum of the dropped tokens, with the raw scores as weights (not

@@ -119,7 +119,9 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
     return destination
 
 
-def merge_sum(values: torch.Tensor, destination: torch.Tensor, num_new: int, scatter_free: bool = False) -> torch.Tensor:
+def merge_sum(
+        values: torch.Tensor, destination: torch.Tensor, num_new: int, scatter_free: bool = False,
+) -> torch.Tensor:
     """Sum old tokens into new ones.
 
     Args:
