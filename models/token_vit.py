@@ -128,7 +128,7 @@ class TokenVisionTransformer(VisionTransformer):
         return self.pos_drop(x)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.grid_size(tuple(x.shape[-2:]))  # clear error before any compute
+        self.token_counts(tuple(x.shape[-2:]))  # input size and the family's schedule checked before any compute
         x = self.patch_embed(x)
         return self.norm_pre(self._pos_embed(x))
 

@@ -109,10 +109,6 @@ class ToMe(TokenVisionTransformer):
                              f"in all) or a larger input")
         return counts
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.token_counts(tuple(x.shape[-2:]))  # the schedule must fit this input, checked before any compute
-        return super()._embed(x)
-
 
 default_cfgs = generate_default_cfgs({
     f"tome_{size}.deit_in1k": deit_weights_cfg(size, paper_ids="arXiv:2210.09461", paper_name="ToMe")
