@@ -33,7 +33,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import TokenAttention, TokenRecord, compose_sources, destination_of_kept, keep_topk
+from .layers import TokenAttention, TokenRecord, destination_of_kept, keep_topk
 from .token_vit import TokenVisionTransformer, build_token_vit, check_reduction_loc, deit_weights_cfg
 
 __all__ = ["EViT", "EViTBlock", "keep_rate_schedule"]
@@ -42,11 +42,10 @@ __all__ = ["EViT", "EViTBlock", "keep_rate_schedule"]
 class EViTBlock(Block):
     """timm ``Block`` (same state-dict keys) that keeps the attentive tokens after attention when its keep rate < 1."""
 
-    def __init__(self, *args, fuse_token: bool = True, num_prefix_tokens: int = 1, **kwargs) -> None:
+    def __init__(self, *args, fuse_token: bool = True, **kwargs) -> None:
         kwargs["attn_layer"] = TokenAttention  # scoring needs the CLS attention row
         super().__init__(*args, **kwargs)
         self.fuse_token = fuse_token
-        self.num_prefix_tokens = num_prefix_tokens
         self.keep_rate = 1.0  # set by EViT.set_keep_rate
 
     def num_kept(self, num_patch_tokens: int) -> int:
@@ -62,7 +61,7 @@ class EViTBlock(Block):
 
         EViT does not weight tokens by size (a fused token is a plain sum), so the record's sizes stay untouched.
         """
-        num_prefix = self.num_prefix_tokens
+        num_prefix = record.num_prefix
         num_patch = x.shape[1] - num_prefix
         num_kept = self.num_kept(num_patch)
         if num_kept == num_patch:
@@ -72,9 +71,7 @@ class EViTBlock(Block):
         x = x + self.drop_path1(self.ls1(attn_out))
         patches, keep_index = keep_topk(x[:, num_prefix:], cls_attn, num_kept, self.fuse_token)
         x = torch.cat([x[:, :num_prefix], patches], dim=1)
-        if record.sources is not None:
-            destination = destination_of_kept(keep_index, num_patch)
-            record = record._replace(sources=compose_sources(record.sources, destination, patches.shape[1]))
+        record = record.follow(destination_of_kept(keep_index, num_patch), patches.shape[1])
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, record
 
@@ -108,8 +105,7 @@ class EViT(TokenVisionTransformer):
         if not kwargs.get("class_token", True) or kwargs.get("global_pool", "token") != "token":
             raise ValueError("EViT scores tokens with the CLS token's attention: class_token must be True and "
                              "global_pool 'token'")
-        num_prefix_tokens = 1 + kwargs.get("reg_tokens", 0)
-        block_fn = partial(EViTBlock, fuse_token=fuse_token, num_prefix_tokens=num_prefix_tokens)
+        block_fn = partial(EViTBlock, fuse_token=fuse_token)
         super().__init__(block_fn=block_fn, **kwargs)
         self.reduction_loc = reduction_loc
         self.fuse_token = fuse_token

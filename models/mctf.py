@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, merge_sum,
+from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, merge_sum,
                      merge_weighted_average, multi_criteria_scores, one_step_ahead_attention, received_attention,
                      size_bias)
 from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, check_reduction_loc,
@@ -106,13 +106,9 @@ class MCTFBlock(Block):
         x, _ = merge_weighted_average(x, weight, destination, num_new, self.scatter_free)
         values = self.attn.values(self.norm1(x))  # computed on the fused tokens
         attn_out = one_step_ahead_attention(self.attn.attn_drop(attn), values, weight, destination, self.scatter_free)
-        sources = record.sources
-        if sources is not None:  # CLS stays token 0, so patch indices shift by one on both sides
-            sources = compose_sources(sources, destination[:, 1:] - 1, num_new - 1)
-
         x = x + self.drop_path1(self.ls1(self.attn.project(attn_out)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, TokenRecord(size=size, sources=sources)
+        return x, record._replace(size=size).follow_all_tokens(destination, num_new)
 
 
 def _check_r(r: Union[int, float]) -> Union[int, float]:

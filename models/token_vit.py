@@ -2,8 +2,9 @@
 
 What changes against timm's class is only what token reduction forces:
 
-* blocks take and return ``(x, record)``: a ``TokenRecord`` (see ``layers.record``) of token sizes and of which
-  current token carries each position of the patch grid. Sources are tracked only when dense maps are asked for
+* blocks take and return ``(x, record)``: a ``TokenRecord`` (see ``layers.record``) of the prefix-token count, the
+  patch grid, token sizes and which current tokens carry each position of the grid. Sources are tracked only when
+  dense maps are asked for
   (``forward_intermediates``, ``features_only``), so the classification path pays nothing for them;
 * ``forward_intermediates`` restores every requested block's tokens onto the full patch grid (DESIGN contract 5);
 * ``token_counts`` asks each block how many patch tokens it outputs, the same function the block's forward uses, so
@@ -26,7 +27,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, build_model_with_cfg, checkpoint
 from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_indices
 
-from .layers import TokenRecord, identity_sources, restore
+from .layers import TokenRecord
 
 __all__ = [
     "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "check_reduction_loc", "deit_weights_cfg",
@@ -139,8 +140,14 @@ class TokenVisionTransformer(VisionTransformer):
             return checkpoint(blk, x, record)
         return blk(x, record)
 
+    def _start(self, x: torch.Tensor, track_sources: bool) -> Tuple[torch.Tensor, TokenRecord]:
+        """Embedded tokens of images x and their record (grid and prefix count; sources if ``track_sources``)."""
+        grid = self.grid_size(tuple(x.shape[-2:]))
+        x = self._embed(x)
+        return x, TokenRecord.start(x, self.num_prefix_tokens, grid, track_sources)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, record = self._embed(x), TokenRecord()
+        x, record = self._start(x, track_sources=False)
         for blk in self.blocks:
             x, record = self._run_block(blk, x, record)
         return self.norm(x)
@@ -161,8 +168,8 @@ class TokenVisionTransformer(VisionTransformer):
         """Forward that also returns full-resolution maps of the requested blocks.
 
         Each map has one entry per patch-grid position: a kept token at its own position, a merged or fused token at
-        every position it carries, and a position no current token carries at the value it had in the last block
-        output that still carried it.
+        every position it carries, a position rebuilt from several tokens (reconstruction) at their weighted sum, and
+        a position no current token carries at the value it had in the last block output that still carried it.
 
         Args:
             x: Images, (B, 3, H, W) with H and W multiples of the patch size.
@@ -183,16 +190,19 @@ class TokenVisionTransformer(VisionTransformer):
         gh, gw = self.grid_size((height, width))
         num_prefix = self.num_prefix_tokens
 
-        x = self._embed(x)
-        record = TokenRecord(sources=identity_sources(B, gh * gw, x.device))
-        grid = x[:, num_prefix:]
+        x, record = self._start(x, track_sources=True)
+        # Positions no current token carries keep the value they had in the input of the block that dropped them,
+        # so that input is restored (cheap: hard sources) only at the blocks that reduce.
+        last_carried = None
         maps, prefixes = [], []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         for i, blk in enumerate(blocks):
+            x_in, record_in = x, record
             x, record = self._run_block(blk, x, record)
-            # The grid is refreshed after every block so a dropped position keeps its last value.
-            grid = restore(x[:, num_prefix:], record.sources, previous=grid)
+            if record.sources is not record_in.sources:
+                last_carried = record_in.restore(x_in, previous=last_carried)
             if i in take_indices:
+                grid = record.restore(x, previous=last_carried)
                 maps.append(self.norm(grid) if norm else grid)
                 prefixes.append(x[:, :num_prefix])
 

@@ -30,7 +30,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import (RSchedule, TokenAttention, TokenRecord, bipartite_soft_matching, compose_sources, cosine_scores,
+from .layers import (RSchedule, TokenAttention, TokenRecord, bipartite_soft_matching, cosine_scores,
                      merge_weighted_average, reduction_schedule, size_bias)
 from .token_vit import TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg
 
@@ -68,10 +68,7 @@ class ToMeBlock(Block):
             destination = bipartite_soft_matching(cosine_scores(metric, num_protected=1), r)
             size = record.size if record.size is not None else x.new_ones(x.shape[0], num_tokens, 1)
             x, size = merge_weighted_average(x, size, destination, num_tokens - r, self.scatter_free)
-            sources = record.sources
-            if sources is not None:  # CLS stays token 0, so patch indices shift by one on both sides
-                sources = compose_sources(sources, destination[:, 1:] - 1, num_tokens - r - 1)
-            record = TokenRecord(size=size, sources=sources)
+            record = record._replace(size=size).follow_all_tokens(destination, num_tokens - r)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, record
 

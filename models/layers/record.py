@@ -1,60 +1,82 @@
 """The record of where each current token came from, and how to restore a full-resolution map from it.
 
-``TokenRecord`` travels beside the tokens from block to block: token sizes (how many input tokens each current token
-stands for, for size-weighted merging and proportional attention) and ``sources`` (which current token carries each
-patch position). Either is None while nobody needs it: sizes until the first merge, sources unless dense maps are
-asked for, so the classification path pays nothing for them.
+``TokenRecord`` travels beside the tokens from block to block. It holds what a block may need besides the tokens
+themselves, all of it fixed by the input's shape or followed step by step, never kept in mutable state:
 
-A reduction step turns N_old patch tokens into N_new. It describes what it did with one index tensor, ``destination``
-(B, N_old): the new token each old token went into. An old token that went into no token (dropped without being fused)
-has destination N_new, one past the last token. Composing these steps from the identity gives ``sources``
-(B, P): for each of the P positions of the patch grid, the index of the current token that carries it, or the current
-token count when none does. ``restore`` gathers the current tokens back onto the grid.
+* ``num_prefix``: how many leading tokens (CLS, registers) are not patch tokens; every family protects them;
+* ``grid``: the (H, W) patch grid of the input, for operators that work on the 2-D layout (clustering);
+* ``size``: how many input tokens each current token stands for (size-weighted merging, proportional attention);
+* ``sources`` and ``source_weights``: for each of the P positions of the patch grid, the current patch token(s) that
+  carry it.
 
-Everything is a gather with index tensors: static shapes, no scatter_reduce, exportable.
+A position is carried by K tokens with weights: the map value at the position is the weighted sum of those tokens.
+A hard source (a kept, merged or fused token copied back to the position) is the case K = 1 with weight 1, and then
+``source_weights`` is None; reconstruction from clusters (Expedit) carries each position by its k nearest clusters.
+Index N (the current patch-token count) means "no token": a position dropped without being fused.
+
+A reduction step turns N_old patch tokens into N_new and describes what it did with ``destination`` (B, N_old): the
+new token each old token went into (N_new for none). A step that rebuilds each old token from several new ones gives
+``destination`` (B, N_old, k) and ``destination_weights`` (B, N_old, k). ``TokenRecord.follow`` composes a step into
+the sources; ``restore`` gathers the current tokens back onto the grid. Everything is a gather with index tensors:
+static shapes, no scatter_reduce, exportable. Sources and sizes are None while nobody needs them (sources unless
+dense maps are asked for), so the classification path pays nothing for them.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["TokenRecord", "identity_sources", "compose_sources", "destination_of_kept", "restore"]
-
-
-class TokenRecord(NamedTuple):
-    """Immutable per-token bookkeeping; a block returns a new record (``record._replace(...)``), never mutates one.
-
-    Attributes:
-        size: (B, N, 1) input tokens each current token (prefix included) stands for; None means all ones.
-        sources: (B, P) current patch-token index per patch-grid position (N_patch means none); None when not tracked.
-    """
-
-    size: Optional[torch.Tensor] = None
-    sources: Optional[torch.Tensor] = None
+__all__ = ["TokenRecord", "compose_sources", "destination_of_kept", "identity_sources", "restore"]
 
 
 def identity_sources(batch_size: int, num_patches: int, device: torch.device) -> torch.Tensor:
-    """Sources before any reduction: position p is carried by token p.
+    """Sources before any reduction: position p is carried by token p alone.
 
     Returns:
-        (B, P) int64.
+        (B, P, 1) int64.
     """
-    return torch.arange(num_patches, device=device).expand(batch_size, num_patches)
+    return torch.arange(num_patches, device=device).view(1, num_patches, 1).expand(batch_size, num_patches, 1)
 
 
-def compose_sources(sources: torch.Tensor, destination: torch.Tensor, num_new: int) -> torch.Tensor:
+def compose_sources(
+        sources: torch.Tensor,
+        source_weights: Optional[torch.Tensor],
+        destination: torch.Tensor,
+        num_new: int,
+        destination_weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Follow one reduction step.
 
     Args:
-        sources: (B, P) current token index per grid position; N_old means no token.
-        destination: (B, N_old) new token index per old token; num_new means no token.
+        sources: (B, P, K) current token indices per grid position; N_old means no token.
+        source_weights: (B, P, K) their weights, or None for hard sources (K = 1, weight 1).
+        destination: (B, N_old) new token index per old token, or (B, N_old, k) new tokens per old token;
+            num_new means no token.
         num_new: N_new, the number of patch tokens after the step.
+        destination_weights: (B, N_old, k) weights of a (B, N_old, k) destination; None for a (B, N_old) one.
 
     Returns:
-        (B, P) token index per grid position after the step; num_new means no token.
+        Sources (B, P, K * k) after the step (k = 1 for a (B, N_old) destination) and their weights (None while all
+        sources are hard).
     """
-    # Positions already without a token (index N_old) look up the appended column and stay without one.
-    unrepresented = destination.new_full((destination.shape[0], 1), num_new)
-    return torch.cat([destination, unrepresented], dim=1).gather(1, sources)
+    B, P, K = sources.shape
+    if destination.dim() == 2:
+        destination = destination.unsqueeze(-1)
+    k = destination.shape[-1]
+    if (destination_weights is None) != (k == 1) or (destination_weights is not None and
+                                                   destination_weights.shape != destination.shape):
+        raise ValueError(f"a destination with k={k} new tokens per old token needs weights of its shape "
+                         f"{tuple(destination.shape)} when k > 1 and none when k == 1")
+    # Positions already without a token (index N_old) look up the appended row and stay without one.
+    unrepresented = destination.new_full((B, 1, k), num_new)
+    rows = torch.cat([destination, unrepresented], dim=1).gather(1, sources.reshape(B, P * K, 1).expand(-1, -1, k))
+    new_sources = rows.reshape(B, P, K * k)
+    if destination_weights is None:
+        return new_sources, source_weights
+    padded_weights = torch.cat([destination_weights, destination_weights.new_zeros(B, 1, k)], dim=1)
+    row_weights = padded_weights.gather(1, sources.reshape(B, P * K, 1).expand(-1, -1, k)).reshape(B, P, K, k)
+    if source_weights is not None:
+        row_weights = row_weights * source_weights.unsqueeze(-1)
+    return new_sources, row_weights.reshape(B, P, K * k)
 
 
 def destination_of_kept(keep_index: torch.Tensor, num_old: int) -> torch.Tensor:
@@ -74,20 +96,77 @@ def destination_of_kept(keep_index: torch.Tensor, num_old: int) -> torch.Tensor:
     return destination.scatter(1, keep_index, torch.arange(K, device=keep_index.device).expand(B, K))
 
 
-def restore(tokens: torch.Tensor, sources: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+def restore(
+        tokens: torch.Tensor,
+        sources: torch.Tensor,
+        source_weights: Optional[torch.Tensor] = None,
+        previous: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Spread the current patch tokens back over the full patch grid.
 
     Args:
         tokens: (B, N, C) current patch tokens (prefix tokens removed).
-        sources: (B, P) token index per grid position; N means no current token carries the position.
-        previous: (B, P, C) map to take positions without a token from (their last value). Zeros when not given.
+        sources: (B, P, K) token indices per grid position; N means none.
+        source_weights: (B, P, K) weights of the sources, or None for hard sources (K = 1).
+        previous: (B, P, C) map to take positions without any token from (their last value). Zeros when not given.
 
     Returns:
-        (B, P, C) one token per grid position: merged and fused tokens are copied to every position they carry.
+        (B, P, C) one vector per grid position: a hard source's token copied to every position it carries, or the
+        weighted sum of a position's sources.
     """
     B, N, C = tokens.shape
+    _, P, K = sources.shape
     padded = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
-    full = padded.gather(1, sources.unsqueeze(-1).expand(-1, -1, C))
+    gathered = padded.gather(1, sources.reshape(B, P * K, 1).expand(-1, -1, C))
+    if source_weights is None:
+        full = gathered.view(B, P, C)  # hard sources: K == 1
+    else:
+        full = (source_weights.reshape(B, P * K, 1) * gathered).view(B, P, K, C).sum(dim=2)
     if previous is None:
         return full
-    return torch.where((sources < N).unsqueeze(-1), full, previous)
+    return torch.where((sources < N).any(dim=-1, keepdim=True), full, previous)
+
+
+class TokenRecord(NamedTuple):
+    """Immutable per-token bookkeeping; a block returns a new record (``follow``, ``_replace``), never mutates one.
+
+    Attributes:
+        num_prefix: Leading non-patch tokens (CLS, registers), never reduced.
+        grid: (H, W) patch grid of the input; None only for blocks called on their own.
+        size: (B, N, 1) input tokens each current token (prefix included) stands for; None means all ones.
+        sources: (B, P, K) current patch-token indices per grid position (N_patch means none); None when not tracked.
+        source_weights: (B, P, K) weights of ``sources``; None for hard sources (K = 1).
+    """
+
+    num_prefix: int = 1
+    grid: Optional[Tuple[int, int]] = None
+    size: Optional[torch.Tensor] = None
+    sources: Optional[torch.Tensor] = None
+    source_weights: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, x: torch.Tensor, num_prefix: int, grid: Tuple[int, int], track_sources: bool) -> "TokenRecord":
+        """The record of freshly embedded tokens x (B, num_prefix + H * W, C); sources only if ``track_sources``."""
+        sources = identity_sources(x.shape[0], grid[0] * grid[1], x.device) if track_sources else None
+        return cls(num_prefix=num_prefix, grid=tuple(grid), sources=sources)
+
+    def follow(
+            self, destination: torch.Tensor, num_new: int, destination_weights: Optional[torch.Tensor] = None,
+    ) -> "TokenRecord":
+        """The record after a reduction step of the patch tokens (see ``compose_sources``); sizes are left as they
+        are (a step that changes them replaces them itself)."""
+        if self.sources is None:
+            return self
+        sources, weights = compose_sources(self.sources, self.source_weights, destination, num_new,
+                                           destination_weights)
+        return self._replace(sources=sources, source_weights=weights)
+
+    def follow_all_tokens(self, destination: torch.Tensor, num_new: int) -> "TokenRecord":
+        """``follow`` for a step described over all N_old tokens (B, N_old) -> N_new, prefix tokens included, that
+        leaves each prefix token where it is (merging with the CLS token protected)."""
+        p = self.num_prefix
+        return self.follow(destination[:, p:] - p, num_new - p)
+
+    def restore(self, x: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-grid map (B, P, C) of the tokens x (B, num_prefix + N, C) this record describes."""
+        return restore(x[:, self.num_prefix:], self.sources, self.source_weights, previous)
