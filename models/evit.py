@@ -85,6 +85,8 @@ def _check_keep_rate(keep_rate: Any) -> float:
 class EViT(TokenVisionTransformer):
     """Vision Transformer with EViT token reorganization at ``reduction_loc``; see the module docstring."""
 
+    zero_reduction = dict(keep_rate=1.0)
+
     def __init__(
             self,
             keep_rate: float = 0.7,

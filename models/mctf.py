@@ -121,6 +121,8 @@ def _check_r(r: Union[int, float]) -> Union[int, float]:
 class MCTF(TokenVisionTransformer):
     """Vision Transformer with MCTF token fusion at ``reduction_loc``; see the module docstring."""
 
+    zero_reduction = dict(r=0)
+
     def __init__(
             self,
             r: Union[int, float] = 16,

@@ -19,7 +19,7 @@ A block used with this class implements::
     forward(x: Tensor, record: TokenRecord) -> Tuple[Tensor, TokenRecord]
     num_patch_tokens_out(num_patch_tokens: int) -> int
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -67,7 +67,21 @@ def check_one_cls_token(kwargs: Dict[str, Any], family: str) -> None:
 
 
 class TokenVisionTransformer(VisionTransformer):
-    """timm ViT whose blocks reduce tokens; see the module docstring for what differs."""
+    """timm ViT whose blocks reduce tokens; see the module docstring for what differs.
+
+    Each family declares what generic code (the registry-wide tests, tools) may rely on, as class attributes:
+
+    * ``zero_reduction``: the keyword arguments that switch its reduction off, under which a model loaded with a
+      timm DeiT/ViT state dict computes exactly what that timm model computes (DESIGN contract 2); None for a family
+      that is a different architecture and has no such setting;
+    * ``adds_parameters``: the family has parameters a DeiT/ViT checkpoint lacks (they keep their initialization
+      when such a checkpoint is loaded, and the checkpoint filter lists them);
+    * ``reduces_tokens``: its default setting reduces the patch tokens from block to block.
+    """
+
+    zero_reduction: ClassVar[Optional[Dict[str, Any]]] = None
+    adds_parameters: ClassVar[bool] = False
+    reduces_tokens: ClassVar[bool] = True
 
     def __init__(self, **kwargs) -> None:
         if kwargs.get("patch_drop_rate", 0.0):
@@ -242,6 +256,7 @@ def build_token_vit(
     return build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_filter_fn=lambda state_dict, model: model.checkpoint_filter(state_dict),
+        pretrained_strict=not model_cls.adds_parameters,  # the new parameters keep their initialization
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

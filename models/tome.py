@@ -76,6 +76,8 @@ class ToMeBlock(Block):
 class ToMe(TokenVisionTransformer):
     """Vision Transformer with ToMe token merging in every block; see the module docstring."""
 
+    zero_reduction = dict(r=0)
+
     def __init__(self, r: RSchedule = 13, prop_attn: bool = True, scatter_free: bool = False, **kwargs) -> None:
         """
         Args:
