@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from tokenzoo.cli import user_errors
 from tokenzoo.profiling import (
     ImgSize, build_model, check_img_size, eval_mode, example_input, to_img_size, validate_model_name)
 
@@ -55,10 +56,13 @@ def check_out_path(out_path: str | os.PathLike, force: bool = False) -> Path:
         ``out_path`` as a Path.
 
     Raises:
+        IsADirectoryError: If ``out_path`` is a folder (with or without ``force``).
         FileExistsError: If the file exists and ``force`` is False.
         FileNotFoundError: If the folder does not exist.
     """
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise IsADirectoryError(f"{out_path} is a folder; --out (out_path) must name the .onnx file to write")
     if out_path.exists() and not force:
         raise FileExistsError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
     if not out_path.parent.is_dir():
@@ -238,15 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # validate everything cheap before building or tracing anything
-    try:
+    with user_errors(parser):
         img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
         model_kwargs = parse_model_kwargs(args.model_kwargs)
         validate_model_name(args.model)
         _check_opset(args.opset)
         check_out_path(args.out, args.force)
         model = build_model(args.model, img_size=img_size, checkpoint=args.checkpoint, **model_kwargs)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        parser.error(str(e))
     weights = args.checkpoint or 'random (no --checkpoint)'
     print(f"exporting {args.model} ({img_size[0]}x{img_size[1]}, opset {args.opset}, weights: {weights})",
           file=sys.stderr)

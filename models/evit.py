@@ -87,6 +87,13 @@ class EViT(TokenVisionTransformer):
 
     zero_reduction = dict(keep_rate=1.0)
 
+    @classmethod
+    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+        if not class_token or global_pool not in ("token", ""):
+            raise ValueError(f"EViT scores tokens with the CLS token's attention and pools with it: class_token "
+                             f"must be True and global_pool 'token' (or '' for no pooling); got class_token="
+                             f"{class_token}, global_pool={global_pool!r}")
+
     def __init__(
             self,
             keep_rate: float = 0.7,
@@ -104,9 +111,6 @@ class EViT(TokenVisionTransformer):
         depth = kwargs.get("depth", 12)
         _check_keep_rate(keep_rate)
         reduction_loc = check_reduction_loc(reduction_loc, depth)
-        if not kwargs.get("class_token", True) or kwargs.get("global_pool", "token") != "token":
-            raise ValueError("EViT scores tokens with the CLS token's attention: class_token must be True and "
-                             "global_pool 'token'")
         block_fn = partial(EViTBlock, fuse_token=fuse_token)
         super().__init__(block_fn=block_fn, **kwargs)
         self.reduction_loc = reduction_loc

@@ -28,9 +28,13 @@ Differences from the official code, and why:
   fused matrix is never built.
 * The floor of 10 remaining tokens is applied after a ratio r is turned into a token count (the official code
   compares the ratio itself); the two agree wherever the floor matters at the paper's settings (never at 224).
+* The attention a token receives is floored at the dtype's smallest normal number (``received_attention``): where
+  the official code returns NaN (a fused token whose parts all received exactly zero attention, seen with sharp
+  attention and in float16), the fused token is the size-weighted average of its parts; nothing else changes.
 * DeiT-B uses the DeiT-S/T setting (r = 16): the official code ships no DeiT-B schedule.
 * Dense maps (not in the paper): a fused token is copied back to every position it stands for.
 """
+import math
 from functools import partial
 from numbers import Integral, Real
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -112,7 +116,8 @@ class MCTFBlock(Block):
 
 
 def _check_r(r: Union[int, float]) -> Union[int, float]:
-    if isinstance(r, bool) or not isinstance(r, Real) or r < 0 or (not isinstance(r, Integral) and r >= 1):
+    if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r) or r < 0 or \
+            (not isinstance(r, Integral) and r >= 1):
         raise ValueError(f"r must be a non-negative int (tokens fused per reducing block) or a float in [0, 1) "
                          f"(fraction of the patch tokens), got {r!r}")
     return int(r) if isinstance(r, Integral) else float(r)
@@ -122,6 +127,10 @@ class MCTF(TokenVisionTransformer):
     """Vision Transformer with MCTF token fusion at ``reduction_loc``; see the module docstring."""
 
     zero_reduction = dict(r=0)
+
+    @classmethod
+    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+        check_one_cls_token("MCTF", global_pool, class_token, reg_tokens)
 
     def __init__(
             self,
@@ -153,7 +162,6 @@ class MCTF(TokenVisionTransformer):
             if isinstance(tau, bool) or not isinstance(tau, Real) or tau < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0 switches the criterion off), got {tau!r}")
         reduction_loc = check_reduction_loc(reduction_loc, depth)
-        check_one_cls_token(kwargs, "MCTF")
         block_fn = partial(MCTFBlock, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
                            bidirectional=bidirectional, prop_attn=prop_attn, scatter_free=scatter_free)
         super().__init__(block_fn=block_fn, **kwargs)

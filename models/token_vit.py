@@ -42,12 +42,21 @@ DEIT_FILES = {
 
 
 def to_2tuple_size(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """(H, W) from an int or a pair, with a clear error for anything else."""
-    if isinstance(img_size, int):
-        return img_size, img_size
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
-        return int(img_size[0]), int(img_size[1])
+    """(H, W) from an int or a pair, with a clear error for anything else.
+
+    0-d integer tensors count as ints: ``torch.jit.trace`` and the TorchScript ONNX exporter hand the input's shape
+    over as tensors; the token counts depend on the size, so a traced graph is specialized to it anyway.
+    """
+    size = (img_size, img_size) if not isinstance(img_size, (tuple, list, torch.Size)) else tuple(img_size)
+    if len(size) == 2 and all(_is_int(s) for s in size):
+        return int(size[0]), int(size[1])
     raise ValueError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_reduction_loc(reduction_loc: Sequence[int], depth: int) -> Tuple[int, ...]:
@@ -58,12 +67,18 @@ def check_reduction_loc(reduction_loc: Sequence[int], depth: int) -> Tuple[int, 
     return tuple(sorted(set(reduction_loc)))
 
 
-def check_one_cls_token(kwargs: Dict[str, Any], family: str) -> None:
-    """Merging families protect exactly one leading CLS token: no register tokens, CLS pooling."""
-    if not kwargs.get("class_token", True) or kwargs.get("reg_tokens", 0) or \
-            kwargs.get("global_pool", "token") != "token":
-        raise ValueError(f"{family} models here protect exactly one CLS token: class_token must be True, "
-                         f"reg_tokens 0 and global_pool 'token'")
+def check_one_cls_token(family: str, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+    """Merging families protect exactly one leading CLS token: no register tokens, CLS pooling (or none)."""
+    if not class_token or reg_tokens or global_pool not in ("token", ""):
+        raise ValueError(f"{family} models here protect exactly one CLS token and pool with it: class_token must be "
+                         f"True, reg_tokens 0 and global_pool 'token' (or '' for no pooling); got class_token="
+                         f"{class_token}, reg_tokens={reg_tokens}, global_pool={global_pool!r}")
+
+
+def _check_no_attn_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("attn_mask and is_causal are not supported by token-reduction models: the token set changes "
+                         "from block to block, so a mask fixed for the input tokens cannot follow it; pass neither")
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -89,7 +104,28 @@ class TokenVisionTransformer(VisionTransformer):
                              "reduction both decide which tokens survive and would undo each other's bookkeeping")
         if kwargs.get("dynamic_img_pad", False):
             raise ValueError("dynamic_img_pad is not supported: inputs must be multiples of the patch size")
+        # timm's dynamic_img_size is always on here (any multiple of the patch size works); True is accepted as the
+        # no-op it is, False cannot be honoured.
+        if not kwargs.pop("dynamic_img_size", True):
+            raise ValueError("dynamic_img_size=False is not supported: tokenzoo models always take any input size "
+                             "that is a multiple of the patch size (leave dynamic_img_size out or pass True)")
+        type(self).check_pooling(kwargs.get("global_pool", "token"), kwargs.get("class_token", True),
+                                 kwargs.get("reg_tokens", 0))
         super().__init__(dynamic_img_size=True, **kwargs)
+
+    @classmethod
+    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+        """Raise ValueError for prefix tokens or a global pooling the family cannot honour.
+
+        Called by the constructor and by ``reset_classifier``, so a head reset cannot bypass it. Families that score
+        or protect tokens through the CLS token override it; this default accepts what timm accepts.
+        """
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's ``reset_classifier``, with the family's pooling rule applied to a new ``global_pool``."""
+        if global_pool is not None:
+            type(self).check_pooling(global_pool, self.has_class_token, self.num_reg_tokens)
+        super().reset_classifier(num_classes, global_pool)
 
     def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Adapt a checkpoint to this model (used by timm's pretrained loading and the OpenMMLab backbone).
@@ -160,14 +196,22 @@ class TokenVisionTransformer(VisionTransformer):
         x = self._embed(x)
         return x, TokenRecord.start(x, self.num_prefix_tokens, grid, track_sources)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Tokens after the last block and the final norm (B, prefix + N_last, C).
+
+        ``attn_mask`` and ``is_causal`` are timm's signature; token reduction changes the token set from block to
+        block, so no fixed mask can follow it and only their defaults are accepted.
+        """
+        _check_no_attn_mask(attn_mask, is_causal)
         x, record = self._start(x, track_sources=False)
         for blk in self.blocks:
             x, record = self._run_block(blk, x, record)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
     def forward_intermediates(
             self,
@@ -178,7 +222,10 @@ class TokenVisionTransformer(VisionTransformer):
             stop_early: bool = False,
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Forward that also returns full-resolution maps of the requested blocks.
 
         Each map has one entry per patch-grid position: a kept token at its own position, a merged or fused token at
@@ -193,10 +240,15 @@ class TokenVisionTransformer(VisionTransformer):
             stop_early: Stop after the last requested block.
             output_fmt: 'NCHW' for (B, C, H/p, W/p) maps, 'NLC' for (B, H/p * W/p, C).
             intermediates_only: Return only the maps.
+            output_dict: Return a dict as timm does: 'image_intermediates' (the maps), 'image_intermediates_prefix'
+                (with ``return_prefix_tokens``) and 'image_features' (unless ``intermediates_only``).
+            attn_mask: timm's argument; only None is accepted (see ``forward_features``).
+            is_causal: timm's argument; only False is accepted.
 
         Returns:
-            The maps, or (final features, maps); the final features are those of ``forward_features``.
+            The maps, or (final features, maps), or the dict; the final features are those of ``forward_features``.
         """
+        _check_no_attn_mask(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -222,6 +274,13 @@ class TokenVisionTransformer(VisionTransformer):
 
         if output_fmt == "NCHW":
             maps = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if output_dict:
+            result: Dict[str, Any] = dict(image_intermediates=maps)
+            if return_prefix_tokens and num_prefix:
+                result["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
         if return_prefix_tokens and num_prefix:
             maps = list(zip(maps, prefixes))
         if intermediates_only:

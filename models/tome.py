@@ -6,10 +6,12 @@ none of it is copied here).
 
 Every block merges r tokens between attention and MLP (Sec. 3.1): the keys averaged over heads are the similarity
 metric; tokens alternate between sets A and B, each A token's edge goes to its most cosine-similar B token, and the r
-strongest edges merge (bipartite soft matching; the CLS token is never merged; r is capped at half the mergeable
-tokens). Merged tokens are the size-weighted average of their parts and sizes add (Sec. 3.2); proportional attention
-adds log(size) to the attention logits (Eq. 1), on by default as in the paper's off-the-shelf results. ``r`` takes
-the official knob: an int, a per-block list, or ``(r, inflection)``. The default r = 13 is the paper's DeiT setting:
+strongest edges merge (bipartite soft matching; the CLS token is never merged). As in the official code, a block
+merges at most half of its patch tokens (r is capped at ``N // 2``), so any schedule runs on any input size (a small
+detection crop, timm's reduced test sizes) and ``token_counts`` reports what runs. Merged tokens are the
+size-weighted average of their parts and sizes add (Sec. 3.2); proportional attention adds log(size) to the attention
+logits (Eq. 1), on by default as in the paper's off-the-shelf results. ``r`` takes the official knob: an int, a
+per-block list, or ``(r, inflection)``. The default r = 13 is the paper's DeiT setting:
 DeiT-S at 224 ends with 41 tokens (40 patch tokens and CLS), and the sizes always sum to 197.
 
 Differences from the official code, and why:
@@ -19,12 +21,10 @@ Differences from the official code, and why:
 * Merging is one ``scatter_add`` of (size * x, size) into the new tokens followed by a division, or a one-hot matrix
   product (``scatter_free=True``) for runtimes without scatter; the official ``scatter_reduce`` is not used (its
   'mean' mode exports to ONNX with wrong results).
-* A schedule that asks to remove more tokens than the input has raises ValueError instead of being silently capped
-  throughout; the per-block cap at half the tokens is kept as in the paper.
 * Dense maps (not in the paper): a merged token is copied back to every position it stands for (ToMe's "unmerge").
 """
 from functools import partial
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from timm.models import generate_default_cfgs, register_model
@@ -78,6 +78,10 @@ class ToMe(TokenVisionTransformer):
 
     zero_reduction = dict(r=0)
 
+    @classmethod
+    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+        check_one_cls_token("ToMe", global_pool, class_token, reg_tokens)
+
     def __init__(self, r: RSchedule = 13, prop_attn: bool = True, scatter_free: bool = False, **kwargs) -> None:
         """
         Args:
@@ -86,7 +90,6 @@ class ToMe(TokenVisionTransformer):
             scatter_free: Merge with a one-hot matrix product instead of scatter_add (same result).
             **kwargs: timm ``VisionTransformer`` arguments.
         """
-        check_one_cls_token(kwargs, "ToMe")
         reduction_schedule(r, kwargs.get("depth", 12))  # clear error before building anything
         block_fn = partial(ToMeBlock, prop_attn=prop_attn, scatter_free=scatter_free)
         super().__init__(block_fn=block_fn, **kwargs)
@@ -97,16 +100,6 @@ class ToMe(TokenVisionTransformer):
         self.r = r
         for blk, block_r in zip(self.blocks, reduction_schedule(r, len(self.blocks))):
             blk.r = block_r
-
-    def token_counts(self, img_size=None) -> List[int]:
-        counts = super().token_counts(img_size)
-        gh, gw = self.grid_size(self.patch_embed.img_size if img_size is None else img_size)
-        requested = sum(blk.r for blk in self.blocks)
-        if requested >= gh * gw:
-            raise ValueError(f"r={self.r!r} asks to merge {requested} tokens in all, but a {gh * 16}x{gw * 16} "
-                             f"input has only {gh * gw} patch tokens; use a smaller r (at most {gh * gw - 1} "
-                             f"in all) or a larger input")
-        return counts
 
 
 default_cfgs = generate_default_cfgs({

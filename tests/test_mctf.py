@@ -80,6 +80,7 @@ def test_consistency_training_lowers_the_loss() -> None:
 @pytest.mark.parametrize("kwargs, message", [
     (dict(r=-1), "r must be a non-negative int"),
     (dict(r=1.5), "r must be a non-negative int"),
+    (dict(r=float("nan")), "r must be a non-negative int"),
     (dict(tau_info=-1.0), "tau_info must be a number >= 0"),
     (dict(tau_sim="1"), "tau_sim must be a number >= 0"),
     (dict(reduction_loc=(12,)), r"reduction_loc must be a sequence of block indices in \[0, 11\]"),
@@ -88,3 +89,17 @@ def test_consistency_training_lowers_the_loss() -> None:
 def test_bad_settings_are_rejected(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         timm.create_model("mctf_tiny", **kwargs)
+
+
+def test_tokens_that_receive_no_attention_fuse_without_nan() -> None:
+    """Sharp attention leaves tokens that no query attends to; their informativeness was inf / inf and a fused token
+    made only of such parts divided 0 / 0 (NaN) before the floor in received_attention."""
+    model = timm.create_model("mctf_tiny", depth=2, reduction_loc=(0, 1), r=0.45, img_size=160).eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # scale q and k: softmax saturates to one key per query
+            blk.attn.qkv.weight[:2 * 192] *= 300.0
+        x = torch.randn(2, 3, 160, 160)
+        attn = model.blocks[0].attn.attention_probs(model.blocks[0].norm1(model._embed(x)))
+        assert (attn.mean(dim=(1, 2)) == 0).any(), "the setting must produce tokens without received attention"
+        out = model(x)
+    assert torch.isfinite(out).all()

@@ -103,3 +103,15 @@ def test_reduction_schedule_forms() -> None:
 def test_reduction_schedule_rejects_unknown_forms(r) -> None:
     with pytest.raises(ValueError, match="r must be|a per-block r list|a tuple r must be"):
         reduction_schedule(r, 12)
+
+
+@pytest.mark.parametrize("r, r_reverse", [(4, 0), (3, 3)])
+def test_tied_scores_are_broken_by_index(r: int, r_reverse: int) -> None:
+    """Exactly equal edges (sharp or quantized scores) merge the lower-indexed token first, in every image of a batch:
+    the reference sorts stably and takes the first maximum, as onnxruntime's TopK/ArgMax do."""
+    scores = torch.randint(0, 3, (3, 98, 97)).float()  # three values only: ties everywhere (and sorts long enough
+    # for PyTorch's unstable CPU sort to reorder equal keys)
+    scores = torch.cat([torch.full_like(scores[:, :1], -math.inf), scores[:, 1:]], dim=1)  # CLS protected
+    destination = bipartite_soft_matching(scores, r, r_reverse)
+    for b in range(3):
+        assert groups_from_destination(destination[b]) == reference_matching(scores[b], r, r_reverse)

@@ -207,7 +207,8 @@ def test_make_synthetic_data_cli_refuses_non_empty_folder(tmp_path: Path, capsys
     assert "wrote 2 + 1 images" in capsys.readouterr().out
     annotations = json.loads((tmp_path / "out" / "coco" / "annotations" / "instances_train.json").read_text())
     assert len(annotations["images"]) == 2
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(SystemExit) as exit_info:  # one line on stderr, no traceback
         main(args)
+    assert exit_info.value.code == 2 and "is not empty; choose an empty or new folder" in capsys.readouterr().err
     main(args[:1] + ["--num-train", "3", "--num-val", "1", "--img-size", "64", "--force"])
     assert len(list((tmp_path / "out" / "ade" / "images" / "training").iterdir())) == 3  # replaced, not added to

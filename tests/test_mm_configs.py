@@ -201,3 +201,43 @@ def test_load_config_command_line_settings(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--amp needs a GPU"):
             tm.load_config(path, amp=True)
+
+
+@pytest.mark.parametrize("family, task", CASES)
+def test_synthetic_configs_run_as_shipped(family: str, task: str) -> None:
+    """The README's synthetic configs, without the tests' tiny overrides: the backbone builds (its settings are
+    checked at the training size then) and runs at the size the synthetic sets have."""
+    backbone = tm.build_backbone(family_config(family, task, "synthetic"))
+    assert backbone.img_size == (128, 128)
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 3, 128, 128))
+    assert all(m.shape == (2, backbone.embed_dim, 8, 8) and torch.isfinite(m).all() for m in maps)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_data_root_moves_every_loader_and_evaluator(task: str, tmp_path: Path) -> None:
+    from tokenzoo.mm.synthetic import write_instance_set, write_segmentation_set
+
+    path = family_config("deit", task, "synthetic")
+    cfg = tm.load_config(path, data_root=tmp_path / "set")
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        assert cfg[loader].dataset.data_root == f"{tmp_path / 'set'}/"
+    for evaluator in ("val_evaluator", "test_evaluator"):
+        assert "ann_file" not in cfg[evaluator] or cfg[evaluator].ann_file.startswith(f"{tmp_path / 'set'}/")
+    with pytest.raises(FileNotFoundError, match="train_dataloader data_root .* does not exist.*--data-root DIR"):
+        tm.check_data(cfg, ["train_dataloader"])
+    (write_instance_set if task == "det" else write_segmentation_set)(tmp_path / "set", num_train=2, num_val=1,
+                                                                       img_size=64)
+    tm.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+
+
+def test_train_tool_stops_in_one_line_when_the_data_are_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import runpy
+
+    main = runpy.run_path(str(CONFIG_ROOT.parent / "tools" / "train.py"))["main"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(family_config("evit", "det", "synthetic")), "--data-root", str(tmp_path / "nowhere"),
+              "--work-dir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "work").exists(), "nothing is written before the input is checked"

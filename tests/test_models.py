@@ -154,3 +154,85 @@ def test_import_tokenzoo_stays_light() -> None:
             "'onnxruntime', 'onnxscript'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# What timm's own tests/test_models.py checks of every model (its tests are not in the wheel, so the generic checks
+# the families must pass are written out here), at the reduced input sizes timm's suite uses.
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("size", [128, 96])
+def test_timm_reduced_sizes_forward_backward(name: str, size: int) -> None:
+    model = timm.create_model(name, num_classes=5)
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    ran = record_block_outputs(model)
+    with torch.no_grad():
+        model(x)
+    assert ran == model.token_counts(size)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_timm_default_cfg_head_and_features_api(name: str) -> None:
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    state_dict = model.state_dict()
+    assert f"{cfg['classifier']}.weight" in state_dict and f"{cfg['first_conv']}.weight" in state_dict
+    size = cfg["input_size"][-1]
+    x = torch.randn(2, *cfg["input_size"])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[0] == 2 and features.shape[-1] == model.num_features
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+        assert model.forward_head(features).shape == (2, cfg["num_classes"])
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7)
+        layers = model.get_intermediate_layers(x, n=2, reshape=True)
+        assert [tuple(t.shape) for t in layers] == [(2, model.embed_dim, size // 16, size // 16)] * 2
+        as_dict = model.forward_intermediates(x, indices=[1], output_dict=True, return_prefix_tokens=True)
+        final, maps = model.forward_intermediates(x, indices=[1])
+    assert set(as_dict) == {"image_intermediates", "image_intermediates_prefix", "image_features"}
+    torch.testing.assert_close(as_dict["image_intermediates"][0], maps[0], rtol=0, atol=0)
+    torch.testing.assert_close(as_dict["image_features"], final, rtol=0, atol=0)
+    assert as_dict["image_intermediates_prefix"][0].shape == (2, model.num_prefix_tokens, model.embed_dim)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_timm_keyword_arguments_are_accepted_or_refused_clearly(name: str) -> None:
+    model = timm.create_model(name, dynamic_img_size=True).eval()  # a no-op: the models take any size already
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 128)).shape == (1, 1000)
+        assert model.forward_features(torch.randn(1, 3, 64, 64), attn_mask=None).shape[-1] == model.embed_dim
+        with pytest.raises(ValueError, match="attn_mask and is_causal are not supported"):
+            model.forward_features(torch.randn(1, 3, 64, 64), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+        with pytest.raises(ValueError, match="attn_mask and is_causal are not supported"):
+            model.forward_intermediates(torch.randn(1, 3, 64, 64), is_causal=True)
+    with pytest.raises(ValueError, match="dynamic_img_size=False is not supported"):
+        timm.create_model(name, dynamic_img_size=False)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_reset_classifier_applies_the_constructor_pooling_rule(name: str) -> None:
+    cls = model_class(name)
+    model = timm.create_model(name)
+    try:
+        cls.check_pooling("avg", True, 0)
+    except ValueError:  # the family refuses average pooling at construction, so a head reset must refuse it too
+        with pytest.raises(ValueError, match="global_pool"):
+            timm.create_model(name, global_pool="avg")
+        with pytest.raises(ValueError, match="global_pool"):
+            model.reset_classifier(0, "avg")
+        assert model.global_pool == "token"
+    model.reset_classifier(0, "")  # no pooling (timm's prune_intermediate_layers does this) is always allowed
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_torch_jit_trace_matches_eager(name: str) -> None:
+    model = timm.create_model(name, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tokenzoo.cli import user_errors
 from tokenzoo.profiling import (
     build_model, count_gmacs, count_params, dense_table, eager_latency, eager_throughput, format_token_counts,
     machine_info, to_img_size, token_counts)
@@ -271,10 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code (1 if an ONNX parity check failed)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser):
         _validate(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        parser.error(str(e))
 
     # one protocol for both runtimes; torch's default (all cores) also collapses when the machine is busy
     torch.set_num_threads(args.threads)

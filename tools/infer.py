@@ -9,10 +9,11 @@ from typing import Optional, Sequence
 
 from mmengine.config import DictAction
 
-from tokenzoo.mm.inference import infer_image
+from tokenzoo.cli import user_errors
+from tokenzoo.mm.inference import check_infer_args, infer_image
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="config file the checkpoint was trained with")
     parser.add_argument("checkpoint", help="checkpoint written by tools/train.py")
@@ -23,11 +24,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="overwrite the output picture if it exists")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                         help="override config settings")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with user_errors(parser):
+        check_infer_args(args.checkpoint, args.image, args.out, force=args.force)
     out = infer_image(args.config, args.checkpoint, args.image, args.out, device=args.device,
                       score_thr=args.score_thr, force=args.force, cfg_options=args.cfg_options)
     print(f"wrote {out}")

@@ -9,10 +9,11 @@ configs read. A non-empty output folder is refused unless ``--force`` (which rep
 import argparse
 from typing import Optional, Sequence
 
+from tokenzoo.cli import user_errors
 from tokenzoo.mm.synthetic import check_output_dir, write_instance_set, write_segmentation_set
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="output folder (gets coco/ and ade/ subfolders)")
     parser.add_argument("--num-train", type=int, default=64, help="training images per set (default: 64)")
@@ -21,12 +22,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="image height and width (default: 128, what the synthetic configs expect)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing the sets")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    root = check_output_dir(args.out_dir, args.force)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with user_errors(parser):
+        root = check_output_dir(args.out_dir, args.force)
     sizes = dict(num_train=args.num_train, num_val=args.num_val, img_size=args.img_size, seed=args.seed)
     coco = write_instance_set(root / "coco", force=args.force, **sizes)
     ade = write_segmentation_set(root / "ade", force=args.force, **sizes)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from tokenzoo.cli import user_errors
 from tokenzoo.profiling import dense_table, format_token_counts
 
 _REQUIRED = {
@@ -152,12 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--out', type=Path, help='write here instead of stdout (e.g. model_zoo.md)')
     parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser):
         if args.out is not None and args.out.exists() and not args.force:
             raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
         text = render([(str(path), load_run(path)) for path in args.results])
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        parser.error(str(e))
     if args.out is None:
         sys.stdout.write(text)
     else:

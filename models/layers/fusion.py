@@ -21,8 +21,14 @@ __all__ = ["multi_criteria_scores", "one_step_ahead_attention", "received_attent
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
-    """Mean attention each token receives, over heads and queries: (B, H, N, N) -> (B, N)."""
-    return attn.mean(dim=(1, 2))
+    """Mean attention each token receives, over heads and queries: (B, H, N, N) -> (B, N).
+
+    Floored at the dtype's smallest normal number. A token can receive exactly zero attention (sharp attention, and
+    in float16 readily); the official code then divides 0 / 0 in the fusion weights of a token whose parts all
+    received none, and inf / inf in the informativeness score, and returns NaN. With the floor, such a fused token is
+    the size-weighted average of its parts and its score is finite; any attention above the floor is unchanged.
+    """
+    return attn.mean(dim=(1, 2)).clamp_min(torch.finfo(attn.dtype).tiny)
 
 
 def _inverse_normalized(values: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,19 @@ def protect_rows(scores: torch.Tensor, num_protected: int) -> torch.Tensor:
     return scores
 
 
+def argsort_descending(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort ``values`` along the last axis in descending order, equal values in index order.
+
+    Equal edge scores happen (sharp or quantized scores, identical image regions), and PyTorch's unstable CPU sort
+    orders them arbitrarily while onnxruntime orders them by index, so an exported model could merge other tokens
+    than the PyTorch model it came from. Eager PyTorch therefore sorts stably. ONNX has no stable sort op, but its
+    TopK, which an exported argsort becomes, breaks ties by index by definition, so the export keeps the plain sort.
+    """
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return values.argsort(dim=-1, descending=True)
+    return values.argsort(dim=-1, descending=True, stable=True)
+
+
 def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) -> torch.Tensor:
     """Bipartite soft matching (ToMe, Sec. 3.1), optionally bidirectional (MCTF, Sec. 3.3).
 
@@ -96,18 +109,18 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
     """
     B, num_a, num_b = scores.shape
     with torch.no_grad():  # indices only; built from sorts, cumsum and gathers, no scatter (see scatter_free)
-        best_score, best_b = scores.max(dim=-1)
-        order_a = best_score.argsort(dim=-1, descending=True)  # A tokens by edge strength
+        best_score, best_b = scores.max(dim=-1)  # the first maximum on ties, as ONNX ArgMax
+        order_a = argsort_descending(best_score)  # A tokens by edge strength
         rank_a = order_a.argsort(dim=-1)  # edge rank of each A token
         merged_a = rank_a < r
         # A tokens that stay keep their original order: new index = number of staying A tokens before them
-        kept_a_index = (~merged_a).cumsum(dim=-1) - 1
+        kept_a_index = (~merged_a).long().cumsum(dim=-1) - 1
         num_kept_a = num_a - r
         if r_reverse:
             kept_a = order_a[:, r:].sort(dim=-1).values  # staying A tokens in original order
             reverse = scores.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)
             best_score_b, best_kept_a = reverse.max(dim=-1)  # best staying A token (its new index) per B token
-            rank_b = best_score_b.argsort(dim=-1, descending=True).argsort(dim=-1)
+            rank_b = argsort_descending(best_score_b).argsort(dim=-1)
             destination_b = torch.where(rank_b < r_reverse, best_kept_a, num_kept_a + rank_b - r_reverse)
         else:
             destination_b = (num_kept_a + torch.arange(num_b, device=scores.device)).expand(B, -1)

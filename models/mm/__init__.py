@@ -15,10 +15,11 @@ from .backbone import TokenZooViT, check_model_name
 from .checkpoint import allow_runner_checkpoints
 from .layer_decay import TokenZooLayerDecayOptimizerConstructor
 from .neck import TokenZooSimpleFPN
-from .runner import LAUNCHERS, TASKS, build_backbone, build_model, build_runner, load_config, read_config
+from .runner import (LAUNCHERS, TASKS, build_backbone, build_model, build_runner, check_data, load_config, read_config,
+                     set_data_root)
 
 __all__ = ["LAUNCHERS", "TASKS", "TokenZooLayerDecayOptimizerConstructor", "TokenZooSimpleFPN", "TokenZooViT",
-           "allow_runner_checkpoints", "build_backbone", "build_model", "build_runner", "check_model_name",
-           "load_config", "read_config"]
+           "allow_runner_checkpoints", "build_backbone", "build_model", "build_runner", "check_data", "check_model_name",
+           "load_config", "read_config", "set_data_root"]
 
 allow_runner_checkpoints()

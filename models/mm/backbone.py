@@ -146,6 +146,8 @@ class TokenZooViT(BaseModule):
             raise ValueError(f"backbone {model_name!r} is not a ViT-style timm model (needs blocks and "
                              f"forward_intermediates)")
 
+        if hasattr(self.vit, "token_counts"):  # the family's settings checked at the size the config trains at
+            self.vit.token_counts(self.vit.patch_embed.img_size)
         depth = len(self.vit.blocks)
         if not all(-depth <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {tuple(out_indices)} out of range for {model_name!r} with {depth} blocks: "

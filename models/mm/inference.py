@@ -9,10 +9,29 @@ from mmengine.registry import VISUALIZERS, DefaultScope
 
 from .runner import ConfigLike, read_config
 
-__all__ = ["IMAGE_SUFFIXES", "infer_image"]
+__all__ = ["IMAGE_SUFFIXES", "check_infer_args", "infer_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 PathLike = Union[str, os.PathLike]
+
+
+def check_infer_args(checkpoint: PathLike, image: PathLike, out_file: PathLike, force: bool = False) -> Path:
+    """Check ``infer_image``'s files before any model is built; returns ``out_file`` as a Path.
+
+    Raises:
+        FileExistsError: ``out_file`` exists and ``force`` is False.
+        FileNotFoundError: The image or the checkpoint does not exist.
+        ValueError: Unsupported output suffix.
+    """
+    out_file = Path(out_file)
+    if out_file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"out_file {str(out_file)!r} must end with one of {', '.join(IMAGE_SUFFIXES)}")
+    if out_file.exists() and not force:
+        raise FileExistsError(f"{str(out_file)!r} exists; pass --force (force=True) to overwrite it")
+    for kind, path in (("image", image), ("checkpoint", checkpoint)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{kind} {str(path)!r} does not exist")
+    return out_file
 
 
 def infer_image(
@@ -47,14 +66,7 @@ def infer_image(
         FileNotFoundError: The image or the checkpoint does not exist.
         ValueError: Unsupported output suffix, or a config that is not mmdet/mmseg.
     """
-    out_file = Path(out_file)
-    if out_file.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"out_file {str(out_file)!r} must end with one of {', '.join(IMAGE_SUFFIXES)}")
-    if out_file.exists() and not force:
-        raise FileExistsError(f"{str(out_file)!r} exists; pass --force (force=True) to overwrite it")
-    for kind, path in (("image", image), ("checkpoint", checkpoint)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{kind} {str(path)!r} does not exist")
+    out_file = check_infer_args(checkpoint, image, out_file, force)
     cfg = read_config(config, cfg_options)
     cfg.model.backbone.init_cfg = None  # the checkpoint holds every weight; no pretrained file is needed
 

@@ -7,7 +7,7 @@ either (a scope's registry falls back to its parent, the root).
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from mmengine.config import Config
@@ -17,9 +17,12 @@ from torch import nn
 
 from .backbone import TokenZooViT
 
-__all__ = ["LAUNCHERS", "TASKS", "build_backbone", "build_model", "build_runner", "load_config", "read_config"]
+__all__ = ["LAUNCHERS", "TASKS", "build_backbone", "build_model", "build_runner", "check_data", "load_config",
+           "read_config", "set_data_root"]
 
 TASKS = ("mmdet", "mmseg")  # default_scope of detection and segmentation configs
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+EVALUATORS = ("val_evaluator", "test_evaluator")
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 ConfigLike = Union[str, os.PathLike, Config]
 
@@ -53,6 +56,7 @@ def load_config(
         load_from: Optional[Union[str, os.PathLike]] = None,
         amp: bool = False,
         launcher: str = "none",
+        data_root: Optional[Union[str, os.PathLike]] = None,
 ) -> Config:
     """Read a config and apply the command-line settings of train.py / test.py.
 
@@ -64,6 +68,7 @@ def load_config(
         load_from: Checkpoint whose weights are loaded before training or testing (not the training state).
         amp: Mixed precision (AmpOptimWrapper; needs a GPU).
         launcher: ``none`` for one process, ``pytorch`` under torchrun, ``slurm`` or ``mpi``.
+        data_root: Where the data set is, in place of the config's ``data_root`` (see ``set_data_root``).
 
     Returns:
         The config, ready for ``build_runner``.
@@ -73,6 +78,8 @@ def load_config(
         ValueError: Unknown task scope or launcher, ``resume`` together with ``load_from``, ``amp`` without a GPU.
     """
     cfg = read_config(config, cfg_options)
+    if data_root is not None:
+        set_data_root(cfg, data_root)
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     cfg.launcher = launcher
@@ -101,6 +108,70 @@ def load_config(
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     return cfg
+
+
+def _datasets(loader: Any) -> List[Any]:
+    """The dataset configs of a dataloader, through wrappers (RepeatDataset, ConcatDataset, ...)."""
+    found, stack = [], [loader.get("dataset")]
+    while stack:
+        dataset = stack.pop()
+        if isinstance(dataset, (list, tuple)):
+            stack.extend(dataset)
+        elif isinstance(dataset, dict):
+            inner = dataset.get("dataset", dataset.get("datasets"))
+            if inner is not None:
+                stack.append(inner)
+            else:
+                found.append(dataset)
+    return found
+
+
+def set_data_root(cfg: Config, data_root: Union[str, os.PathLike]) -> None:
+    """Move a config's data set: the ``data_root`` of every dataloader's dataset and the evaluators' annotation files.
+
+    Each dataset fragment in configs/_base_/datasets names its location once (``data_root``); the loaders and the
+    COCO evaluators' ``ann_file`` (a path under it) are rewritten from that old root to the new one.
+    """
+    old_root = cfg.get("data_root")
+    if old_root is None:
+        raise ValueError(f"config {cfg.filename!r} names no data_root, so --data-root has nothing to replace")
+    new_root = str(data_root)
+    if old_root.endswith("/") and not new_root.endswith("/"):
+        new_root += "/"  # the fragments join some paths by concatenation
+    cfg.data_root = new_root
+    for key in LOADERS:
+        for dataset in _datasets(cfg.get(key) or {}):
+            if dataset.get("data_root") == old_root:
+                dataset["data_root"] = new_root
+    for key in EVALUATORS:
+        evaluator = cfg.get(key)
+        if isinstance(evaluator, dict) and str(evaluator.get("ann_file", "")).startswith(old_root):
+            evaluator["ann_file"] = new_root + evaluator["ann_file"][len(old_root):]
+
+
+def check_data(cfg: Config, loaders: Sequence[str]) -> None:
+    """Check, before a Runner is built, that the data of the given dataloaders are where the config says.
+
+    Raises:
+        FileNotFoundError: A dataset's root, annotation file or image folder is missing (with the fix).
+    """
+    def missing(kind: str, path: Path) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"{kind} {str(path)!r} of {cfg.filename or 'the config'} does not exist: put the data set there (see the "
+            f"README, 'Detection and segmentation'; tools/make_synthetic_data.py writes the synthetic sets) or pass "
+            f"--data-root DIR")
+
+    for key in loaders:
+        for dataset in _datasets(cfg.get(key) or {}):
+            root = Path(dataset.get("data_root") or ".")
+            if not root.is_dir():
+                raise missing(f"{key} data_root", root)
+            ann_file = dataset.get("ann_file")
+            if ann_file and not (root / ann_file).is_file():
+                raise missing(f"{key} ann_file", root / ann_file)
+            for folder in (dataset.get("data_prefix") or {}).values():
+                if folder and not (root / folder).is_dir():
+                    raise missing(f"{key} image/label folder", root / folder)
 
 
 def build_runner(cfg: Config) -> Runner:

@@ -1,5 +1,6 @@
 # ADE20K (SceneParsing, 150 classes), random 512x512 crops of images rescaled to short side 256-1024.
-ade_root = "data/ade/ADEChallengeData2016"
+# The one data location: every loader and evaluator below uses it; the tools' --data-root DIR moves them all.
+data_root = "data/ade/ADEChallengeData2016"
 train_dataloader = dict(
     batch_size=2,
     num_workers=2,
@@ -7,7 +8,7 @@ train_dataloader = dict(
     sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type="ADE20KDataset",
-        data_root=ade_root,
+        data_root=data_root,
         data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),
         pipeline=[
             dict(type="LoadImageFromFile"),
@@ -27,7 +28,7 @@ val_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="ADE20KDataset",
-        data_root=ade_root,
+        data_root=data_root,
         data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
         pipeline=[
             dict(type="LoadImageFromFile"),

@@ -1,6 +1,7 @@
 # COCO 2017 instance segmentation with large-scale jitter (resize 0.1-2.0 of 1024, crop 1024), as ViTDet.
 # Batches are padded to 1024x1024 by the model's data preprocessor.
-coco_root = "data/coco/"
+# The one data location: every loader and evaluator below uses it; the tools' --data-root DIR moves them all.
+data_root = "data/coco/"
 coco_test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="Resize", scale=(1024, 1024), keep_ratio=True),
@@ -15,7 +16,7 @@ train_dataloader = dict(
     sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type="CocoDataset",
-        data_root=coco_root,
+        data_root=data_root,
         ann_file="annotations/instances_train2017.json",
         data_prefix=dict(img="train2017/"),
         filter_cfg=dict(filter_empty_gt=True, min_size=32),
@@ -39,7 +40,7 @@ val_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="CocoDataset",
-        data_root=coco_root,
+        data_root=data_root,
         ann_file="annotations/instances_val2017.json",
         data_prefix=dict(img="val2017/"),
         test_mode=True,
@@ -47,6 +48,6 @@ val_dataloader = dict(
     ),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="CocoMetric", ann_file=coco_root + "annotations/instances_val2017.json",
+val_evaluator = dict(type="CocoMetric", ann_file=data_root + "annotations/instances_val2017.json",
                      metric=["bbox", "segm"], format_only=False)
 test_evaluator = val_evaluator

@@ -1,6 +1,7 @@
 # The synthetic ADE20K-format set of tools/make_synthetic_data.py: 128x128 images, label 0 unlabelled (ignored),
 # then background, square, circle, triangle.
-synthetic_ade_root = "data/synthetic/ade/"
+# The one data location: every loader and evaluator below uses it; the tools' --data-root DIR moves them all.
+data_root = "data/synthetic/ade/"
 synthetic_ade_meta = dict(classes=("background", "square", "circle", "triangle"),
                           palette=[(120, 120, 120), (220, 60, 60), (60, 200, 80), (70, 90, 230)])
 train_dataloader = dict(
@@ -10,7 +11,7 @@ train_dataloader = dict(
     sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type="BaseSegDataset",
-        data_root=synthetic_ade_root,
+        data_root=data_root,
         metainfo=synthetic_ade_meta,
         img_suffix=".jpg",
         seg_map_suffix=".png",
@@ -31,7 +32,7 @@ val_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="BaseSegDataset",
-        data_root=synthetic_ade_root,
+        data_root=data_root,
         metainfo=synthetic_ade_meta,
         img_suffix=".jpg",
         seg_map_suffix=".png",

@@ -1,5 +1,6 @@
 # The synthetic COCO-format set of tools/make_synthetic_data.py: squares, circles and triangles, 128x128 images.
-synthetic_coco_root = "data/synthetic/coco/"
+# The one data location: every loader and evaluator below uses it; the tools' --data-root DIR moves them all.
+data_root = "data/synthetic/coco/"
 synthetic_coco_meta = dict(classes=("square", "circle", "triangle"),
                            palette=[(220, 60, 60), (60, 200, 80), (70, 90, 230)])
 train_dataloader = dict(
@@ -9,7 +10,7 @@ train_dataloader = dict(
     sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type="CocoDataset",
-        data_root=synthetic_coco_root,
+        data_root=data_root,
         metainfo=synthetic_coco_meta,
         ann_file="annotations/instances_train.json",
         data_prefix=dict(img="train/"),
@@ -30,7 +31,7 @@ val_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="CocoDataset",
-        data_root=synthetic_coco_root,
+        data_root=data_root,
         metainfo=synthetic_coco_meta,
         ann_file="annotations/instances_val.json",
         data_prefix=dict(img="val/"),
@@ -44,6 +45,6 @@ val_dataloader = dict(
     ),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="CocoMetric", ann_file=synthetic_coco_root + "annotations/instances_val.json",
+val_evaluator = dict(type="CocoMetric", ann_file=data_root + "annotations/instances_val.json",
                      metric=["bbox", "segm"], format_only=False)
 test_evaluator = val_evaluator
