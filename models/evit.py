@@ -33,8 +33,8 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import TokenAttention, TokenRecord, destination_of_kept, keep_topk
-from .token_vit import TokenVisionTransformer, build_token_vit, check_reduction_loc, deit_weights_cfg
+from .layers import TokenAttention, TokenRecord, check_reduction_loc, destination_of_kept, keep_topk
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
 
 __all__ = ["EViT", "EViTBlock", "keep_rate_schedule"]
 
@@ -52,7 +52,7 @@ class EViTBlock(Block):
         """Patch tokens kept out of ``num_patch_tokens`` (the official rounding: ceil(keep_rate * N))."""
         return min(num_patch_tokens, math.ceil(self.keep_rate * num_patch_tokens))
 
-    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
+    def num_patch_tokens_out(self, num_patch_tokens: int, grid: Tuple[int, int]) -> int:
         num_kept = self.num_kept(num_patch_tokens)
         return num_kept + int(self.fuse_token) if num_kept < num_patch_tokens else num_patch_tokens
 

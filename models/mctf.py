@@ -31,24 +31,36 @@ Differences from the official code, and why:
 * The attention a token receives is floored at the dtype's smallest normal number (``received_attention``): where
   the official code returns NaN (a fused token whose parts all received exactly zero attention, seen with sharp
   attention and in float16), the fused token is the size-weighted average of its parts; nothing else changes.
+* Equal edge scores are ordered by token index in every sort (the official code uses PyTorch's unstable sort),
+  so onnxruntime, whose TopK orders ties by index, makes the same choices. Nearly equal scores remain a source of
+  divergence: the official order of the set-B tokens after fusion (by edge score) decides the next block's A/B split,
+  and two scores 1 ulp apart can swap between runtimes; measured on MCTF-Fast-S with random weights, 1 of 120 random
+  batches of 3 images took another fusion path in onnxruntime (max diff 3.7e-2). ``order_by_score=False`` keeps them
+  in index order (a deviation from the official order, for deployments that need PyTorch and ONNX to agree).
+* Above ``attn_chunk_size`` tokens a fusing block never materializes its attention matrix: the received attention
+  is summed over chunks of queries and the reuse of the matrix runs as fused attention with the logits computed
+  again (``layers.fusion``); same result, O(chunk * N) memory instead of O(N^2) (400 MB per block at 4096 tokens).
+* A float r is a fraction of the patch tokens of the block, for inputs of any size; ``merge_window`` offers ToMe for
+  Stable Diffusion's windowed split at the first fusing block (not in the paper; for dense inputs).
 * DeiT-B uses the DeiT-S/T setting (r = 16): the official code ships no DeiT-B schedule.
 * Dense maps (not in the paper): a fused token is copied back to every position it stands for.
 """
-import math
 from functools import partial
 from numbers import Integral, Real
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import (TokenAttention, TokenRecord, bipartite_soft_matching, merge_sum,
-                     merge_weighted_average, multi_criteria_scores, one_step_ahead_attention, received_attention,
-                     size_bias)
-from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, check_reduction_loc,
-                        deit_weights_cfg)
+from .layers import (RSchedule, TokenAttention, TokenRecord, TokenSplit, bipartite_soft_matching, check_merge_window,
+                     merge_sum, merge_weighted_average, multi_criteria_scores, num_b_tokens, one_step_ahead_attention,
+                     one_step_ahead_attention_fused, received_attention, received_attention_chunked,
+                     reduction_schedule, size_bias, tokens_to_reduce)
+from .layers.schedule import Amount
+from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg,
+                        set_merge_schedule)
 
 __all__ = ["MCTF", "MCTFBlock", "consistency_training_loss"]
 
@@ -67,6 +79,8 @@ class MCTFBlock(Block):
             bidirectional: bool = True,
             prop_attn: bool = True,
             scatter_free: bool = False,
+            attn_chunk_size: int = 256,
+            order_by_score: bool = True,
             **kwargs,
     ) -> None:
         kwargs["attn_layer"] = TokenAttention  # fusion needs the attention matrix
@@ -75,22 +89,29 @@ class MCTFBlock(Block):
         self.bidirectional = bidirectional
         self.prop_attn = prop_attn
         self.scatter_free = scatter_free
-        self.r: Union[int, float] = 0  # tokens (int) or a fraction of the patch tokens (float); set by MCTF.set_r
+        self.attn_chunk_size = attn_chunk_size
+        self.order_by_score = order_by_score
+        self.r: Amount = 0  # tokens, or a fraction of the patch tokens; set by MCTF.set_r
+        self.merge_window: Optional[int] = None  # windowed split (first fusing block only); set by MCTF.set_r
 
-    def num_merges(self, num_patch_tokens: int) -> int:
+    def num_merges(self, num_patch_tokens: int, grid: Optional[Tuple[int, int]]) -> int:
         """Fusions this block makes: r (or the fraction r of the patch tokens), leaving at least 10 tokens, at most
-        half the patch tokens."""
-        r = self.r if isinstance(self.r, int) else int(num_patch_tokens * self.r)
-        r = min(r, num_patch_tokens + 1 - MIN_TOKENS)
-        return max(0, min(r, num_patch_tokens // 2))
+        the set-A patch tokens (half of them for the alternating split, as the official code) and, with the
+        bidirectional matching, at most twice the set-B tokens (half the fusions go B to A)."""
+        num_b = num_b_tokens(num_patch_tokens + 1, grid, self.merge_window)
+        cap = num_patch_tokens - num_b
+        if self.bidirectional:
+            cap = min(cap, 2 * num_b)
+        r = min(tokens_to_reduce(self.r, num_patch_tokens), num_patch_tokens + 1 - MIN_TOKENS)
+        return max(0, min(r, cap))
 
-    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
-        return num_patch_tokens - self.num_merges(num_patch_tokens)
+    def num_patch_tokens_out(self, num_patch_tokens: int, grid: Tuple[int, int]) -> int:
+        return num_patch_tokens - self.num_merges(num_patch_tokens, grid)
 
     def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
         """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
         B, num_tokens, _ = x.shape
-        r = self.num_merges(num_tokens - 1)
+        r = self.num_merges(num_tokens - 1, record.grid)
         attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
         if r == 0:
             if attn_bias is None:
@@ -98,29 +119,37 @@ class MCTFBlock(Block):
             x = x + self.drop_path1(self.ls1(self.attn.forward_biased(self.norm1(x), attn_bias)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), record
 
-        attn = self.attn.attention_probs(self.norm1(x), attn_bias)  # this block's attention, before fusion
-        scores = multi_criteria_scores(x, attn, record.size, *self.taus, num_protected=1)
+        # This block's attention on the unfused tokens: kept whole when small; otherwise its column means are taken
+        # over chunks of queries here and its product with the fused values runs as fused attention below, so no
+        # (B, H, N, N) matrix is ever allocated.
+        q, k = self.attn.queries_keys(self.norm1(x))
+        if num_tokens <= self.attn_chunk_size:
+            attn = self.attn.probs(q, k, attn_bias)
+            received = received_attention(attn)
+        else:
+            attn = None
+            received = received_attention_chunked(q, k, self.attn.scale, attn_bias, self.attn_chunk_size)
+        split = TokenSplit.of(record.grid, self.merge_window, 1, x.device)
+        scores = multi_criteria_scores(x, received, record.size, *self.taus, num_protected=1, split=split)
         r_reverse = r - r // 2 if self.bidirectional else 0
-        destination = bipartite_soft_matching(scores, r - r_reverse, r_reverse)
+        destination = bipartite_soft_matching(scores, r - r_reverse, r_reverse, split, self.order_by_score)
         num_new = num_tokens - r
         size = record.size if record.size is not None else x.new_ones(B, num_tokens, 1)
         with torch.no_grad():  # fusion weights, as in the official code: attention received x size
-            weight = received_attention(attn).unsqueeze(-1) * size
+            weight = received.unsqueeze(-1) * size
             size = merge_sum(size, destination, num_new, self.scatter_free)
         x, _ = merge_weighted_average(x, weight, destination, num_new, self.scatter_free)
         values = self.attn.values(self.norm1(x))  # computed on the fused tokens
-        attn_out = one_step_ahead_attention(self.attn.attn_drop(attn), values, weight, destination, self.scatter_free)
+        if attn is not None:
+            attn_out = one_step_ahead_attention(self.attn.attn_drop(attn), values, weight, destination,
+                                                self.scatter_free)
+        else:
+            dropout_p = self.attn.attn_drop.p if self.training else 0.0
+            attn_out = one_step_ahead_attention_fused(q, k, values, attn_bias, weight, destination, dropout_p,
+                                                      self.scatter_free)
         x = x + self.drop_path1(self.ls1(self.attn.project(attn_out)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, record._replace(size=size).follow_all_tokens(destination, num_new)
-
-
-def _check_r(r: Union[int, float]) -> Union[int, float]:
-    if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r) or r < 0 or \
-            (not isinstance(r, Integral) and r >= 1):
-        raise ValueError(f"r must be a non-negative int (tokens fused per reducing block) or a float in [0, 1) "
-                         f"(fraction of the patch tokens), got {r!r}")
-    return int(r) if isinstance(r, Integral) else float(r)
 
 
 class MCTF(TokenVisionTransformer):
@@ -134,45 +163,64 @@ class MCTF(TokenVisionTransformer):
 
     def __init__(
             self,
-            r: Union[int, float] = 16,
-            reduction_loc: Sequence[int] = tuple(range(1, 12)),
+            r: RSchedule = 16,
+            reduction_loc: Optional[Sequence[int]] = None,
+            merge_window: Optional[int] = None,
             tau_sim: float = 1.0,
             tau_info: float = 20.0,
             tau_size: float = 40.0,
             bidirectional: bool = True,
             prop_attn: bool = True,
             scatter_free: bool = False,
+            attn_chunk_size: int = 256,
+            order_by_score: bool = True,
             **kwargs,
     ) -> None:
         """
         Args:
-            r: Tokens fused per reducing block (int), or the fraction of the patch tokens (float in [0, 1)).
-            reduction_loc: 0-indexed blocks that fuse.
+            r: Tokens fused per reducing block (int), the fraction of the patch tokens (float in [0, 1)), or a
+                per-block list or (r, inflection) as ToMe's knob (see ``layers.reduction_schedule``).
+            reduction_loc: 0-indexed blocks that fuse, for an int or float r; None: every block but the first (the
+                paper's setting).
+            merge_window: Windowed split (ToMe for Stable Diffusion) at the first fusing block; None for the paper's
+                alternating split everywhere.
             tau_sim: Similarity temperature (0 switches the criterion off).
             tau_info: Informativeness temperature (0 switches it off).
             tau_size: Size temperature (0 switches it off).
             bidirectional: Bidirectional bipartite matching (A to B, then B to A).
             prop_attn: Proportional attention (log of the token size added to the attention logits).
             scatter_free: Fuse with one-hot matrix products instead of scatter_add (same result).
+            attn_chunk_size: A fusing block with more tokens (CLS included) than this never builds its attention
+                matrix: received attention over chunks of this many queries, the output with fused attention.
+            order_by_score: Order the tokens after fusion as the official code does (set-B tokens by edge score);
+                False keeps them in their original order, which makes exported graphs choose the same fusions as
+                PyTorch even for nearly equal scores (see the module docstring).
             **kwargs: timm ``VisionTransformer`` arguments.
         """
         depth = kwargs.get("depth", 12)
-        _check_r(r)
+        if reduction_loc is None and not isinstance(r, (list, tuple)):
+            reduction_loc = tuple(range(1, depth))
+        reduction_schedule(r, depth, reduction_loc)  # clear errors before building anything
+        check_merge_window(merge_window)
         for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
             if isinstance(tau, bool) or not isinstance(tau, Real) or tau < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0 switches the criterion off), got {tau!r}")
-        reduction_loc = check_reduction_loc(reduction_loc, depth)
+        if isinstance(attn_chunk_size, bool) or not isinstance(attn_chunk_size, Integral) or attn_chunk_size < 1:
+            raise ValueError(f"attn_chunk_size must be an int >= 1 (queries per chunk), got {attn_chunk_size!r}")
         block_fn = partial(MCTFBlock, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
-                           bidirectional=bidirectional, prop_attn=prop_attn, scatter_free=scatter_free)
+                           bidirectional=bidirectional, prop_attn=prop_attn, scatter_free=scatter_free,
+                           attn_chunk_size=attn_chunk_size, order_by_score=order_by_score)
         super().__init__(block_fn=block_fn, **kwargs)
-        self.reduction_loc = reduction_loc
-        self.set_r(r)
+        self.set_r(r, reduction_loc, merge_window)
 
-    def set_r(self, r: Union[int, float]) -> None:
-        """Set r of the reducing blocks (consistency training switches it between its two forwards)."""
-        self.r = _check_r(r)
-        for i, blk in enumerate(self.blocks):
-            blk.r = self.r if i in self.reduction_loc else 0
+    def set_r(self, r: RSchedule, reduction_loc: Optional[Sequence[int]] = None,
+              merge_window: Optional[int] = None) -> None:
+        """Set the fusion schedule (see ``__init__``); without ``reduction_loc`` and ``merge_window`` an int or float
+        r keeps the current ones (consistency training switches r between its two forwards)."""
+        if reduction_loc is None and not isinstance(r, (list, tuple)):
+            reduction_loc, merge_window = getattr(self, "reduction_loc", None), getattr(self, "merge_window", None)
+        set_merge_schedule(self.blocks, r, reduction_loc, merge_window)
+        self.r, self.reduction_loc, self.merge_window = r, reduction_loc, merge_window
 
 
 def consistency_training_loss(
@@ -246,7 +294,7 @@ def _create_mctf(variant: str, pretrained: bool = False, **kwargs) -> MCTF:
 
 def _variant_args(size: str, fast: bool) -> Dict[str, object]:
     dims = dict(tiny=(192, 3), small=(384, 6), base=(768, 12))[size]
-    schedule = dict(r=0.35, reduction_loc=(3, 6, 9)) if fast else dict(r=16, reduction_loc=tuple(range(1, 12)))
+    schedule = dict(r=0.35, reduction_loc=(3, 6, 9)) if fast else dict(r=16)
     return dict(patch_size=16, embed_dim=dims[0], depth=12, num_heads=dims[1], **schedule)
 
 

@@ -9,6 +9,7 @@ without one the attention matmuls count as zero (DeiT-S reads 4.24 instead of 4.
 registers that formula once.
 """
 import contextlib
+import ctypes
 import difflib
 import importlib.metadata
 import os
@@ -25,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 __all__ = [
     'ImgSize', 'build_model', 'check_img_size', 'count_gmacs', 'count_params', 'eager_latency', 'eager_throughput',
-    'eval_mode', 'example_input', 'format_token_counts', 'machine_info', 'to_img_size', 'token_counts',
+    'eval_mode', 'example_input', 'format_token_counts', 'machine_info', 'peak_memory_mb', 'to_img_size',
+    'token_counts',
     'validate_model_name',
 ]
 
@@ -305,14 +307,48 @@ def format_token_counts(counts: Sequence[int] | None) -> str:
 def dense_table(results: Sequence[dict]) -> list[str]:
     """Markdown table of ``tools/benchmark.py --dense`` results (one backbone per config), for reports and the zoo."""
     lines = ['| config | backbone | input | params (M) | GMACs | GMACs vs base | tokens per block | '
-             'eager b1 p50 / p90 (ms) | latency vs base |', '|' + '---|' * 9]
+             'eager b1 p50 / p90 (ms) | latency vs base | peak memory (MB) |', '|' + '---|' * 10]
     for r in results:
-        lat = r['eager_latency_ms']
+        lat, peak = r['eager_latency_ms'], r.get('peak_memory_mb')
         lines.append(f"| {Path(r['name']).name} | `{r['model_name']}` | {r['img_size'][0]}x{r['img_size'][1]} | "
                      f"{r['params_m']:.2f} | {r['gmacs']:.1f} | {r['ratios']['gmacs']:.3f} | "
                      f"{format_token_counts(r['tokens_per_block'])} | {lat['p50_ms']:.0f} / {lat['p90_ms']:.0f} | "
-                     f"{r['ratios']['eager_latency_p50']:.3f} |")
+                     f"{r['ratios']['eager_latency_p50']:.3f} | {'n/a' if peak is None else f'{peak:.0f}'} |")
     return lines
+
+
+def _proc_status_kb(field: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    return None
+
+
+def peak_memory_mb(model: nn.Module, img_size: ImgSize, batch_size: int = 1) -> float | None:
+    """Peak memory one eval forward adds to the process, in MB (activations and workspace, not the weights).
+
+    Linux only (None elsewhere): the process's resident-set high-water mark (``VmHWM``) is reset to the current size
+    through ``/proc/self/clear_refs`` before the forward and read after it. glibc is told to serve every allocation
+    above 128 kB with mmap (its default threshold grows after large frees, and memory freed by an earlier model would
+    then be reused unseen) and to return free heap memory first, so the difference is the forward's own peak.
+    """
+    x = example_input(model, batch_size, check_img_size(model, img_size))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also stops glibc from raising it
+    with eval_mode(model), torch.inference_mode():
+        model(x)  # first-call allocations (kernels, caches) out of the way
+        with contextlib.suppress(NameError, AttributeError):
+            libc.malloc_trim(0)
+        try:
+            Path('/proc/self/clear_refs').write_text('5')
+        except OSError:
+            return None
+        before = _proc_status_kb('VmRSS')
+        model(x)
+        peak = _proc_status_kb('VmHWM')
+    return None if before is None or peak is None else max(peak - before, 0) / 1024
 
 
 def _sync(device: torch.device) -> None:

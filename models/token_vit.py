@@ -17,7 +17,7 @@ What changes against timm's class is only what token reduction forces:
 A block used with this class implements::
 
     forward(x: Tensor, record: TokenRecord) -> Tuple[Tensor, TokenRecord]
-    num_patch_tokens_out(num_patch_tokens: int) -> int
+    num_patch_tokens_out(num_patch_tokens: int, grid: Tuple[int, int]) -> int   # grid: the input's patch grid
 """
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -27,10 +27,10 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, build_model_with_cfg, checkpoint
 from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_indices
 
-from .layers import TokenRecord
+from .layers import RSchedule, TokenRecord, check_merge_window, reduction_schedule
 
 __all__ = [
-    "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "check_reduction_loc", "deit_weights_cfg",
+    "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "deit_weights_cfg", "set_merge_schedule",
     "to_2tuple_size",
 ]
 
@@ -59,14 +59,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_reduction_loc(reduction_loc: Sequence[int], depth: int) -> Tuple[int, ...]:
-    """Sorted distinct block indices that reduce, or ValueError naming the allowed range."""
-    if isinstance(reduction_loc, int) or not all(isinstance(i, int) and 0 <= i < depth for i in reduction_loc):
-        raise ValueError(f"reduction_loc must be a sequence of block indices in [0, {depth - 1}] (depth {depth}), "
-                         f"got {reduction_loc!r}")
-    return tuple(sorted(set(reduction_loc)))
-
-
 def check_one_cls_token(family: str, global_pool: str, class_token: bool, reg_tokens: int) -> None:
     """Merging families protect exactly one leading CLS token: no register tokens, CLS pooling (or none)."""
     if not class_token or reg_tokens or global_pool not in ("token", ""):
@@ -79,6 +71,20 @@ def _check_no_attn_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> N
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask and is_causal are not supported by token-reduction models: the token set changes "
                          "from block to block, so a mask fixed for the input tokens cannot follow it; pass neither")
+
+
+def set_merge_schedule(
+        blocks: Sequence[torch.nn.Module], r: RSchedule, reduction_loc: Optional[Sequence[int]],
+        merge_window: Optional[int],
+) -> None:
+    """Give merging blocks their amounts (``blk.r``, see ``reduction_schedule``) and the windowed split
+    (``blk.merge_window``) to the first block that merges: the only one whose tokens are still the full grid."""
+    amounts = reduction_schedule(r, len(blocks), reduction_loc)
+    merge_window = check_merge_window(merge_window)
+    first = next((i for i, amount in enumerate(amounts) if amount), None)
+    for i, (blk, amount) in enumerate(zip(blocks, amounts)):
+        blk.r = amount
+        blk.merge_window = merge_window if i == first else None
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -153,10 +159,10 @@ class TokenVisionTransformer(VisionTransformer):
         Args:
             img_size: Input size; the model's default input size when None.
         """
-        gh, gw = self.grid_size(self.patch_embed.img_size if img_size is None else img_size)
-        counts, num_tokens = [], gh * gw
+        grid = self.grid_size(self.patch_embed.img_size if img_size is None else img_size)
+        counts, num_tokens = [], grid[0] * grid[1]
         for blk in self.blocks:
-            num_tokens = blk.num_patch_tokens_out(num_tokens)
+            num_tokens = blk.num_patch_tokens_out(num_tokens, grid)
             counts.append(num_tokens)
         return counts
 

@@ -24,15 +24,18 @@ Differences from the official code, and why:
 * Dense maps (not in the paper): a merged token is copied back to every position it stands for (ToMe's "unmerge").
 """
 from functools import partial
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import (RSchedule, TokenAttention, TokenRecord, bipartite_soft_matching, cosine_scores,
-                     merge_weighted_average, reduction_schedule, size_bias)
-from .token_vit import TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg
+from .layers import (RSchedule, TokenAttention, TokenRecord, TokenSplit, bipartite_soft_matching, check_merge_window,
+                     cosine_scores, merge_weighted_average, num_b_tokens, reduction_schedule, size_bias,
+                     tokens_to_reduce)
+from .layers.schedule import Amount
+from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg,
+                        set_merge_schedule)
 
 __all__ = ["ToMe", "ToMeBlock"]
 
@@ -45,19 +48,22 @@ class ToMeBlock(Block):
         super().__init__(*args, **kwargs)
         self.prop_attn = prop_attn
         self.scatter_free = scatter_free
-        self.r = 0  # set by ToMe.set_r
+        self.r: Amount = 0  # tokens, or a fraction of the patch tokens; set by ToMe.set_r
+        self.merge_window: Optional[int] = None  # windowed split (first merging block only); set by ToMe.set_r
 
-    def num_merges(self, num_patch_tokens: int) -> int:
-        """Merges this block makes: r, capped at half the mergeable (patch) tokens."""
-        return min(self.r, num_patch_tokens // 2)
+    def num_merges(self, num_patch_tokens: int, grid: Optional[Tuple[int, int]]) -> int:
+        """Merges this block makes: r (or the fraction r of the patch tokens), capped at the number of set-A patch
+        tokens: half the patch tokens for the alternating split (the official cap), 1 - 1/s^2 for the windowed one."""
+        num_b = num_b_tokens(num_patch_tokens + 1, grid, self.merge_window)
+        return min(tokens_to_reduce(self.r, num_patch_tokens), num_patch_tokens - num_b)
 
-    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
-        return num_patch_tokens - self.num_merges(num_patch_tokens)
+    def num_patch_tokens_out(self, num_patch_tokens: int, grid: Tuple[int, int]) -> int:
+        return num_patch_tokens - self.num_merges(num_patch_tokens, grid)
 
     def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
         """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
         num_tokens = x.shape[1]
-        r = self.num_merges(num_tokens - 1)
+        r = self.num_merges(num_tokens - 1, record.grid)
         attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
         if r == 0 and attn_bias is None:
             return super().forward(x), record
@@ -65,7 +71,8 @@ class ToMeBlock(Block):
         attn_out, metric = self.attn.forward_with_keys(self.norm1(x), attn_bias)
         x = x + self.drop_path1(self.ls1(attn_out))
         if r > 0:
-            destination = bipartite_soft_matching(cosine_scores(metric, num_protected=1), r)
+            split = TokenSplit.of(record.grid, self.merge_window, 1, x.device)
+            destination = bipartite_soft_matching(cosine_scores(metric, num_protected=1, split=split), r, 0, split)
             size = record.size if record.size is not None else x.new_ones(x.shape[0], num_tokens, 1)
             x, size = merge_weighted_average(x, size, destination, num_tokens - r, self.scatter_free)
             record = record._replace(size=size).follow_all_tokens(destination, num_tokens - r)
@@ -74,7 +81,7 @@ class ToMeBlock(Block):
 
 
 class ToMe(TokenVisionTransformer):
-    """Vision Transformer with ToMe token merging in every block; see the module docstring."""
+    """Vision Transformer with ToMe token merging; see the module docstring."""
 
     zero_reduction = dict(r=0)
 
@@ -82,24 +89,37 @@ class ToMe(TokenVisionTransformer):
     def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
         check_one_cls_token("ToMe", global_pool, class_token, reg_tokens)
 
-    def __init__(self, r: RSchedule = 13, prop_attn: bool = True, scatter_free: bool = False, **kwargs) -> None:
+    def __init__(
+            self,
+            r: RSchedule = 13,
+            reduction_loc: Optional[Sequence[int]] = None,
+            merge_window: Optional[int] = None,
+            prop_attn: bool = True,
+            scatter_free: bool = False,
+            **kwargs,
+    ) -> None:
         """
         Args:
-            r: Tokens merged per block: an int, a per-block list, or (r, inflection) (see ``reduction_schedule``).
+            r: Tokens merged per block: an int, a float fraction of the patch tokens, a per-block list of those, or
+                (r, inflection) (see ``layers.reduction_schedule``).
+            reduction_loc: Blocks that merge, for an int or float r; every block when None (the paper).
+            merge_window: Windowed split (ToMe for Stable Diffusion) at the first merging block: one set-B token per
+                window x window cell of the grid; None for the paper's alternating split everywhere.
             prop_attn: Proportional attention (log of the token size added to the attention logits).
             scatter_free: Merge with a one-hot matrix product instead of scatter_add (same result).
             **kwargs: timm ``VisionTransformer`` arguments.
         """
-        reduction_schedule(r, kwargs.get("depth", 12))  # clear error before building anything
+        reduction_schedule(r, kwargs.get("depth", 12), reduction_loc)  # clear errors before building anything
+        check_merge_window(merge_window)
         block_fn = partial(ToMeBlock, prop_attn=prop_attn, scatter_free=scatter_free)
         super().__init__(block_fn=block_fn, **kwargs)
-        self.set_r(r)
+        self.set_r(r, reduction_loc, merge_window)
 
-    def set_r(self, r: RSchedule) -> None:
-        """Set the per-block merge counts from ToMe's knob."""
-        self.r = r
-        for blk, block_r in zip(self.blocks, reduction_schedule(r, len(self.blocks))):
-            blk.r = block_r
+    def set_r(self, r: RSchedule, reduction_loc: Optional[Sequence[int]] = None,
+              merge_window: Optional[int] = None) -> None:
+        """Set the merge schedule (see ``__init__``)."""
+        set_merge_schedule(self.blocks, r, reduction_loc, merge_window)
+        self.r, self.reduction_loc, self.merge_window = r, reduction_loc, merge_window
 
 
 default_cfgs = generate_default_cfgs({

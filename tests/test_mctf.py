@@ -4,7 +4,7 @@ import timm
 import torch
 
 from conftest import record_block_outputs
-from tokenzoo.layers import bipartite_soft_matching, multi_criteria_scores
+from tokenzoo.layers import bipartite_soft_matching, multi_criteria_scores, received_attention
 from tokenzoo.mctf import consistency_training_loss
 
 
@@ -28,7 +28,7 @@ def test_one_step_ahead_attention_is_fused_and_reused_not_recomputed() -> None:
     with torch.no_grad():
         out, record = block(x)
         attn = block.attn.attention_probs(block.norm1(x))  # the block's own attention, before fusion
-        scores = multi_criteria_scores(x, attn, None)
+        scores = multi_criteria_scores(x, received_attention(attn), None)
         destination = bipartite_soft_matching(scores, 20, 20)
         # dense reference: membership matrix and weights (attention received x size 1)
         members = torch.nn.functional.one_hot(destination[0], 157).float().T  # (157, 197)
@@ -78,9 +78,9 @@ def test_consistency_training_lowers_the_loss() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(r=-1), "r must be a non-negative int"),
-    (dict(r=1.5), "r must be a non-negative int"),
-    (dict(r=float("nan")), "r must be a non-negative int"),
+    (dict(r=-1), "r must be an int >= 0"),
+    (dict(r=1.5), "r must be an int >= 0"),
+    (dict(r=float("nan")), "r must be an int >= 0"),
     (dict(tau_info=-1.0), "tau_info must be a number >= 0"),
     (dict(tau_sim="1"), "tau_sim must be a number >= 0"),
     (dict(reduction_loc=(12,)), r"reduction_loc must be a sequence of block indices in \[0, 11\]"),
@@ -103,3 +103,45 @@ def test_tokens_that_receive_no_attention_fuse_without_nan() -> None:
         assert (attn.mean(dim=(1, 2)) == 0).any(), "the setting must produce tokens without received attention"
         out = model(x)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunk_size", [64, 30, 7])
+def test_chunked_path_equals_the_materialized_one(chunk_size: int) -> None:
+    """Above attn_chunk_size tokens a block never builds its attention matrix; the result is the same, whether the
+    chunk divides the token count (65 tokens at 128 px) or not."""
+    kwargs = dict(depth=4, reduction_loc=(0, 1, 2), r=0.3, img_size=128)
+    materialized = timm.create_model("mctf_tiny", attn_chunk_size=1000, **kwargs).eval()
+    chunked = timm.create_model("mctf_tiny", attn_chunk_size=chunk_size, **kwargs).eval()
+    chunked.load_state_dict(materialized.state_dict())
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), materialized(x), rtol=0, atol=1e-5)
+        for a, b in zip(chunked.forward_intermediates(x, intermediates_only=True),
+                        materialized.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("img_size, num_tokens", [(512, 1024), (1024, 4096)])
+def test_ratio_schedule_token_counts_for_dense_inputs(img_size: int, num_tokens: int) -> None:
+    model = timm.create_model("mctf_fast_small")
+    expected, n = [], num_tokens
+    for i in range(12):
+        if i in (3, 6, 9):
+            n -= int(0.35 * n)
+        expected.append(n)
+    assert model.token_counts(img_size) == expected
+    model.set_r(0.8)  # beyond half the patch tokens: capped, at the same blocks
+    assert model.token_counts(img_size)[3] == num_tokens // 2
+    windowed = timm.create_model("mctf_fast_small", r=0.8, merge_window=2)
+    # windowed split: a quarter of the tokens in set B; bidirectional fusion sends half of r from B, so at most
+    # twice set B (half the tokens) fuse
+    assert windowed.token_counts(img_size)[3] == num_tokens - 2 * (num_tokens // 4)
+
+
+def test_windowed_split_runs_and_restores() -> None:
+    model = timm.create_model("mctf_tiny", r=[0, 0.3, 0.2], merge_window=2, img_size=128).eval()
+    ran = record_block_outputs(model)
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(2, 3, 128, 128), indices=[2], intermediates_only=True)
+    assert ran == model.token_counts(128) and ran[1] == 64 - int(0.3 * 64)
+    assert maps[0].shape == (2, 192, 8, 8) and torch.isfinite(maps[0]).all()

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _family_backbone(family: str, **kwargs) -> tm.TokenZooViT:
-    """The backbone of a family's detection config, with 4 blocks."""
-    backbone = tm.read_config(family_config(family, "det", "real")).model.backbone
+    """The backbone of a family's (recommended) detection config, with 4 blocks."""
+    backbone = tm.read_config(family_config(family, "det")).model.backbone
     model_kwargs = dict(backbone.model_kwargs, depth=4, **TINY_KWARGS.get(family, {}))
     return tm.TokenZooViT(backbone.model_name, model_kwargs, **kwargs)
 

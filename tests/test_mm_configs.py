@@ -1,8 +1,10 @@
 """The OpenMMLab configs of every family: layout, naming, building from the real configs, clear build-time errors.
 
-Families are the folders of configs/ (besides _base_), so a new family is tested as soon as its folder exists. Models
-are built with a 4-block backbone (``tiny_options``); a family whose defaults do not fit 4 blocks at 128x128 adds
-its kwargs to ``TINY_KWARGS``. The end-to-end runs are in test_mm_train.py.
+Families are the folders of configs/ (besides _base_), so a new family is tested as soon as its folder exists. A
+family has one synthetic leaf per task (its recommended setting, trained end to end in test_mm_train.py) and one or
+more COCO / ADE20K leaves (e.g. a dense setting beside the paper's classification setting), every one of them built
+here. Models are built with a 4-block backbone (``tiny_options``); a family whose settings do not fit 4 blocks at
+128x128 adds its kwargs to ``TINY_KWARGS``.
 """
 import ast
 import re
@@ -20,7 +22,7 @@ FAMILIES = sorted(p.name for p in CONFIG_ROOT.iterdir() if p.is_dir() and p.name
 # Settings that fit 4 blocks and 64-80 tokens, by family folder.
 TINY_KWARGS: Dict[str, Dict[str, Any]] = {
     "evit": dict(reduction_loc=(1, 2)),
-    "tome": dict(r=3),
+    "tome": dict(reduction_loc=(1, 2)),
     "mctf": dict(reduction_loc=(1, 2, 3)),
 }
 TASKS = ("det", "seg")
@@ -37,11 +39,21 @@ CASES = [(family, task) for family in FAMILIES for task in TASKS]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def family_config(family: str, task: str, dataset: str) -> Path:
-    """The one leaf config of a family for a task ('det'/'seg') and dataset ('real'/'synthetic')."""
+def family_configs(family: str, task: str, dataset: str) -> List[Path]:
+    """The leaf configs of a family for a task ('det'/'seg') and dataset ('real'/'synthetic'): one synthetic leaf,
+    one or more real ones."""
     found = sorted((CONFIG_ROOT / family).glob(PATTERNS[task, dataset]))
-    assert len(found) == 1, f"configs/{family}/ needs exactly one {PATTERNS[task, dataset]}, found {found}"
-    return found[0]
+    assert found, f"configs/{family}/ needs a {PATTERNS[task, dataset]}"
+    assert dataset == "real" or len(found) == 1, f"configs/{family}/ needs one {PATTERNS[task, dataset]}: {found}"
+    return found
+
+
+def family_config(family: str, task: str) -> Path:
+    """The synthetic leaf of a family for a task: its recommended setting."""
+    return family_configs(family, task, "synthetic")[0]
+
+
+REAL_CASES = [(family, task, path.name) for family, task in CASES for path in family_configs(family, task, "real")]
 
 
 def tiny_options(family: str, task: str) -> Dict[str, Any]:
@@ -96,7 +108,7 @@ def test_every_family_has_the_four_configs() -> None:
     assert {"deit", "evit"} <= set(FAMILIES)
     for family in FAMILIES:
         for task, dataset in PATTERNS:
-            family_config(family, task, dataset)
+            family_configs(family, task, dataset)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,10 +124,10 @@ def test_config_names_layout_and_inheritance(family: str) -> None:
         assert "_delete_" not in path.read_text(), f"{path.name} uses _delete_"
 
 
-@pytest.mark.parametrize("family, task", CASES)
-def test_build_from_real_config(family: str, task: str) -> None:
+@pytest.mark.parametrize("family, task, name", REAL_CASES)
+def test_build_from_real_config(family: str, task: str, name: str) -> None:
     """The COCO / ADE20K configs build (the real Pretrained init_cfg is kept: building loads no weights)."""
-    path = family_config(family, task, "real")
+    path = CONFIG_ROOT / family / name
     model = tm.build_model(path, tiny_options(family, task)).eval()
     backbone = model.backbone
     assert isinstance(backbone, tm.TokenZooViT)
@@ -135,7 +147,7 @@ def test_build_from_real_config(family: str, task: str) -> None:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_bad_backbone_settings_fail_at_build_time(task: str, tmp_path: Path) -> None:
-    path = family_config("evit", task, "real")
+    (path,) = family_configs("evit", task, "real")
     with pytest.raises(ValueError, match="unknown backbone model_name 'evit_smal'.*evit_small.*timm.list_models"):
         tm.build_model(path, {"model.backbone.model_name": "evit_smal"})
     missing = tmp_path / "deit_small.pth"
@@ -146,16 +158,16 @@ def test_bad_backbone_settings_fail_at_build_time(task: str, tmp_path: Path) -> 
 
 
 def test_unknown_task_scope_is_refused() -> None:
-    cfg = tm.read_config(family_config("deit", "det", "synthetic"))
+    cfg = tm.read_config(family_config("deit", "det"))
     cfg.default_scope = "mmpretrain"
     with pytest.raises(ValueError, match="default_scope 'mmpretrain'"):
         tm.read_config(cfg)
 
 
-@pytest.mark.parametrize("family, task", CASES)
-def test_build_backbone_for_dense_benchmarks(family: str, task: str) -> None:
+@pytest.mark.parametrize("family, task, name", REAL_CASES)
+def test_build_backbone_for_dense_benchmarks(family: str, task: str, name: str) -> None:
     """``build_backbone`` (what a dense benchmark calls) gives the config's backbone at the config's training size."""
-    path = family_config(family, task, "real")
+    path = CONFIG_ROOT / family / name
     backbone = tm.build_backbone(path, {"model.backbone.model_kwargs.depth": 4, **{
         f"model.backbone.model_kwargs.{k}": v for k, v in TINY_KWARGS.get(family, {}).items()},
         "model.backbone.out_indices": (3,)})
@@ -170,19 +182,20 @@ def test_family_configs_only_swap_the_backbone() -> None:
     """A family's config equals the DeiT baseline's but for the backbone name and kwargs (like-for-like comparison)."""
     for family in FAMILIES:
         for task, dataset in PATTERNS:
-            cfg = tm.read_config(family_config(family, task, dataset)).to_dict()
-            base = tm.read_config(family_config("deit", task, dataset)).to_dict()
-            for key in ("model_name", "model_kwargs"):
-                cfg["model"]["backbone"].pop(key)
-                base["model"]["backbone"].pop(key)
-            assert cfg == base, f"{family} {task} {dataset} differs from the DeiT baseline beyond the backbone"
-    assert all(name.split(".")[0] in tokenzoo.list_models() or name.startswith("deit")
-               for name in (tm.read_config(family_config(f, "det", "real")).model.backbone.model_name
-                            for f in FAMILIES))
+            (base_path,) = family_configs("deit", task, dataset)
+            base = tm.read_config(base_path).to_dict()
+            base["model"]["backbone"] = {k: v for k, v in base["model"]["backbone"].items()
+                                         if k not in ("model_name", "model_kwargs")}
+            for path in family_configs(family, task, dataset):
+                cfg = tm.read_config(path).to_dict()
+                name = cfg["model"]["backbone"].pop("model_name")
+                cfg["model"]["backbone"].pop("model_kwargs")
+                assert cfg == base, f"{path.name} differs from the DeiT baseline beyond the backbone"
+                assert name.split(".")[0] in tokenzoo.list_models() or family == "deit", path.name
 
 
 def test_load_config_command_line_settings(tmp_path: Path) -> None:
-    path = family_config("evit", "det", "synthetic")
+    path = family_config("evit", "det")
     cfg = tm.load_config(path)
     assert cfg.work_dir == f"work_dirs/{path.stem}" and not cfg.resume and cfg.launcher == "none"
     assert cfg.optim_wrapper.type == "OptimWrapper"  # mixed precision is off unless asked for
@@ -207,7 +220,7 @@ def test_load_config_command_line_settings(tmp_path: Path) -> None:
 def test_synthetic_configs_run_as_shipped(family: str, task: str) -> None:
     """The README's synthetic configs, without the tests' tiny overrides: the backbone builds (its settings are
     checked at the training size then) and runs at the size the synthetic sets have."""
-    backbone = tm.build_backbone(family_config(family, task, "synthetic"))
+    backbone = tm.build_backbone(family_config(family, task))
     assert backbone.img_size == (128, 128)
     with torch.no_grad():
         maps = backbone(torch.randn(2, 3, 128, 128))
@@ -218,7 +231,7 @@ def test_synthetic_configs_run_as_shipped(family: str, task: str) -> None:
 def test_data_root_moves_every_loader_and_evaluator(task: str, tmp_path: Path) -> None:
     from tokenzoo.mm.synthetic import write_instance_set, write_segmentation_set
 
-    path = family_config("deit", task, "synthetic")
+    path = family_config("deit", task)
     cfg = tm.load_config(path, data_root=tmp_path / "set")
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         assert cfg[loader].dataset.data_root == f"{tmp_path / 'set'}/"
@@ -236,7 +249,7 @@ def test_train_tool_stops_in_one_line_when_the_data_are_missing(tmp_path: Path, 
 
     main = runpy.run_path(str(CONFIG_ROOT.parent / "tools" / "train.py"))["main"]
     with pytest.raises(SystemExit) as exit_info:
-        main([str(family_config("evit", "det", "synthetic")), "--data-root", str(tmp_path / "nowhere"),
+        main([str(family_config("evit", "det")), "--data-root", str(tmp_path / "nowhere"),
               "--work-dir", str(tmp_path / "work")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "does not exist" in err and "Traceback" not in err

@@ -77,7 +77,7 @@ def run(request: pytest.FixtureRequest, synthetic_data: Path, tmp_path_factory: 
     family, task = request.param
     work_dir = tmp_path_factory.mktemp(f"{family}-{task}")
     options = {**tiny_options(family, task), **run_options(NUM_ITERS)}
-    cfg = tm.load_config(family_config(family, task, "synthetic"), cfg_options=options, work_dir=work_dir,
+    cfg = tm.load_config(family_config(family, task), cfg_options=options, work_dir=work_dir,
                          data_root=task_data_root(task, synthetic_data))
     cfg.experiment_name = _unique_name(f"{family}-{task}")
     config_file = work_dir / "run_config.py"

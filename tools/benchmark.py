@@ -26,7 +26,7 @@ import torch
 from tokenzoo.cli import user_errors
 from tokenzoo.profiling import (
     build_model, count_gmacs, count_params, dense_table, eager_latency, eager_throughput, format_token_counts,
-    machine_info, to_img_size, token_counts)
+    machine_info, peak_memory_mb, to_img_size, token_counts)
 
 PARITY_BATCH_SIZES = (1, 3)  # more than one batch size proves the exported batch axis is dynamic
 
@@ -192,6 +192,8 @@ def measure_backbone(config: str, args: argparse.Namespace, step: Callable[[str]
     )
     step('eager latency (batch 1)')
     result['eager_latency_ms'] = eager_latency(backbone, 1, img_size, args.warmup, args.iters)
+    step('peak memory of a forward (batch 1)')
+    result['peak_memory_mb'] = peak_memory_mb(backbone, img_size)
     return result
 
 

@@ -1,16 +1,20 @@
 """The shared token-reduction core: pure tensor operators that the families compose (DESIGN contract 4)."""
 from .attention import TokenAttention, cls_attention, size_bias
 from .keep import keep_topk
-from .fusion import multi_criteria_scores, one_step_ahead_attention, received_attention
-from .merge import (RSchedule, bipartite_soft_matching, cosine_scores, merge_sum, merge_weighted_average, protect_rows,
-                    reduction_schedule)
+from .fusion import (multi_criteria_scores, one_step_ahead_attention, one_step_ahead_attention_fused,
+                     received_attention, received_attention_chunked)
+from .merge import (TokenSplit, argsort_descending, bipartite_soft_matching, cosine_scores, merge_sum,
+                    merge_weighted_average, num_b_tokens, protect_rows)
+from .schedule import RSchedule, check_merge_window, check_reduction_loc, reduction_schedule, tokens_to_reduce
 from .record import TokenRecord, compose_sources, destination_of_kept, identity_sources, restore
 
 __all__ = [
     "TokenAttention", "cls_attention", "size_bias",
     "keep_topk",
-    "RSchedule", "bipartite_soft_matching", "cosine_scores", "merge_sum", "merge_weighted_average", "protect_rows",
-    "reduction_schedule",
-    "multi_criteria_scores", "one_step_ahead_attention", "received_attention",
+    "TokenSplit", "argsort_descending", "bipartite_soft_matching", "cosine_scores", "merge_sum",
+    "merge_weighted_average", "num_b_tokens", "protect_rows",
+    "RSchedule", "check_merge_window", "check_reduction_loc", "reduction_schedule", "tokens_to_reduce",
+    "multi_criteria_scores", "one_step_ahead_attention", "one_step_ahead_attention_fused", "received_attention",
+    "received_attention_chunked",
     "TokenRecord", "compose_sources", "destination_of_kept", "identity_sources", "restore",
 ]

@@ -104,10 +104,18 @@ class TokenAttention(Attention):
         q, k, v = self._qkv(x)
         return self._project(self._fused(q, k, v, attn_bias))
 
+    def queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (B, H, N, D) alone, after their norms (MCTF computes the values after fusion)."""
+        q, k = self._heads(x, 0, 2).unbind(0)
+        return self.q_norm(q), self.k_norm(k)
+
     def attention_probs(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention probabilities (B, H, N, N), before dropout; computes only q and k (MCTF)."""
-        q, k = self._heads(x, 0, 2).unbind(0)
-        logits = (self.q_norm(q) * self.scale) @ self.k_norm(k).transpose(-2, -1)
+        return self.probs(*self.queries_keys(x), attn_bias)
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T * scale + attn_bias): (B, H, N, N) attention probabilities of given queries and keys."""
+        logits = (q * self.scale) @ k.transpose(-2, -1)
         if attn_bias is not None:
             logits = logits + attn_bias
         return logits.softmax(dim=-1)

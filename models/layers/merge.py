@@ -5,63 +5,113 @@ token goes into (see ``record``). The matching builds it from sorts, cumsums and
 weighted sum into the new tokens, either a ``scatter_add`` or, for runtimes without scatter support, a one-hot matrix
 product (``scatter_free=True``); both are exact sums, and with the latter no scatter op is left in the graph. Means
 are taken as sum / sum-of-weights: ``scatter_reduce(mean)`` exports to ONNX with wrong results.
+
+The tokens are split into the two sets of the bipartite graph by a ``TokenSplit``: ToMe's alternation (A = even
+positions, B = odd ones) by default, or, for a first merge on the full patch grid of a large input, ToMe for Stable
+Diffusion's windowed split (B = one token per s x s window of the grid), which keeps merges local and lets one step
+merge up to 1 - 1/s^2 of the tokens.
 """
 import math
-from numbers import Integral
-from typing import List, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["RSchedule", "bipartite_soft_matching", "cosine_scores", "merge_sum", "merge_weighted_average",
-           "protect_rows", "reduction_schedule"]
-
-RSchedule = Union[int, Sequence[int], Tuple[int, float]]
+__all__ = ["TokenSplit", "argsort_descending", "bipartite_soft_matching", "cosine_scores", "merge_sum",
+           "merge_weighted_average", "num_b_tokens", "protect_rows"]
 
 
-def reduction_schedule(r: RSchedule, depth: int) -> List[int]:
-    """Tokens to merge in each block, from ToMe's knob (its ``parse_r``).
+class TokenSplit(NamedTuple):
+    """The sets A and B of bipartite matching, as token indices; None for ToMe's alternation (A even, B odd).
+
+    Attributes:
+        a_index: (N_a,) tokens of set A in token order; a protected prefix token must be its first entry.
+        b_index: (N_b,) tokens of set B in token order.
+        order: (N,) position of each token in ``cat([A, B])``.
+    """
+
+    a_index: Optional[torch.Tensor] = None
+    b_index: Optional[torch.Tensor] = None
+    order: Optional[torch.Tensor] = None
+
+    @classmethod
+    def windowed(cls, grid: Tuple[int, int], window: int, num_prefix: int, device: torch.device) -> "TokenSplit":
+        """ToMe for Stable Diffusion's 2-D split of ``num_prefix`` + H * W tokens (row-major grid after the prefix).
+
+        Set B holds the top-left token of every whole ``window`` x ``window`` cell of the grid: a fixed choice (the
+        official code may draw it at random per cell), so the split is deterministic, reproducible and exportable.
+        Set A holds the prefix tokens, first, and every other patch token (rows or columns past the last whole cell
+        included).
+        """
+        height, width = _check_window(grid, window)
+        rows = torch.arange(height, device=device).view(-1, 1)
+        cols = torch.arange(width, device=device).view(1, -1)
+        in_b = ((rows % window == 0) & (cols % window == 0) &
+                (rows < height - height % window) & (cols < width - width % window)).flatten()
+        in_b = torch.cat([torch.zeros(num_prefix, dtype=torch.bool, device=device), in_b])
+        tokens = torch.arange(in_b.numel(), device=device)
+        a_index, b_index = tokens[~in_b], tokens[in_b]
+        return cls(a_index, b_index, torch.cat([a_index, b_index]).argsort())
+
+    @classmethod
+    def of(cls, grid: Optional[Tuple[int, int]], window: Optional[int], num_prefix: int,
+           device: torch.device) -> "TokenSplit":
+        """The windowed split when ``window`` is set (tokens on the full grid), ToMe's alternation otherwise."""
+        return cls() if window is None else cls.windowed(grid, window, num_prefix, device)
+
+    def sets(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, ...) -> the set A and set B parts along dim 1."""
+        if self.a_index is None:
+            return tokens[:, ::2], tokens[:, 1::2]
+        return tokens.index_select(1, self.a_index), tokens.index_select(1, self.b_index)
+
+    def join(self, values_a: torch.Tensor, values_b: torch.Tensor) -> torch.Tensor:
+        """Per-token values of set A (B, N_a) and set B (B, N_b) back in token order (B, N)."""
+        if self.a_index is None:  # interleave: A at even positions, B at odd ones
+            joined = torch.stack([values_a[:, :values_b.shape[1]], values_b], dim=-1).flatten(1)
+            return torch.cat([joined, values_a[:, values_b.shape[1]:]], dim=1)
+        return torch.cat([values_a, values_b], dim=1).index_select(1, self.order)
+
+
+def num_b_tokens(num_tokens: int, grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None) -> int:
+    """Size of set B for ``num_tokens`` tokens (prefix included), without building the split (for token counts).
 
     Args:
-        r: An int (the same r in every block), a list of per-block r (padded with zeros to ``depth``), or a tuple
-            ``(r, inflection)`` with inflection in [-1, 1]: a linear ramp with mean r from r * (1 - inflection) in
-            the first block to r * (1 + inflection) in the last (increasing when inflection > 0).
-        depth: Number of blocks.
-
-    Returns:
-        ``depth`` non-negative ints.
+        num_tokens: Tokens entering the matching, protected prefix included.
+        grid: The patch grid (H, W), for the windowed split.
+        window: The window of ``TokenSplit.windowed``, or None for ToMe's alternation.
     """
-    if isinstance(r, list):
-        if len(r) > depth or not all(isinstance(v, Integral) and v >= 0 for v in r):
-            raise ValueError(f"a per-block r list must hold at most {depth} non-negative ints, got {r!r}")
-        return [int(v) for v in r] + [0] * (depth - len(r))
-    inflection = 0.0
-    if isinstance(r, tuple):
-        if len(r) != 2 or not isinstance(r[1], (int, float)) or not -1 <= r[1] <= 1:
-            raise ValueError(f"a tuple r must be (r, inflection) with inflection in [-1, 1], got {r!r}")
-        r, inflection = r
-    if isinstance(r, bool) or not isinstance(r, Integral) or r < 0:
-        raise ValueError(f"r must be a non-negative int, a list of per-block ints or a tuple (r, inflection), "
-                         f"got {r!r}")
-    first = int(r * (1.0 - inflection))
-    last = 2 * r - first
-    step = (last - first) / max(depth - 1, 1)
-    return [int(first + step * i) for i in range(depth)]
+    if window is None:
+        return num_tokens // 2
+    height, width = _check_window(grid, window)
+    return (height // window) * (width // window)
 
 
-def cosine_scores(metric: torch.Tensor, num_protected: int = 1) -> torch.Tensor:
-    """ToMe's edge scores: cosine similarity between set A (even positions) and set B (odd positions).
+def _check_window(grid: Optional[Tuple[int, int]], window: int) -> Tuple[int, int]:
+    if grid is None:
+        raise ValueError("a windowed split needs the patch grid (the record's grid); blocks called on their own have "
+                         "none")
+    height, width = grid
+    if not 1 <= window <= min(height, width):
+        raise ValueError(f"merge window {window} is not allowed for a {height}x{width} patch grid: it must be an int "
+                         f"in [1, {min(height, width)}] (2 in ToMe for Stable Diffusion)")
+    return height, width
+
+
+def cosine_scores(metric: torch.Tensor, num_protected: int = 1, split: TokenSplit = TokenSplit()) -> torch.Tensor:
+    """ToMe's edge scores: cosine similarity between the tokens of set A and those of set B.
 
     Args:
         metric: (B, N, D) similarity features (ToMe: keys averaged over heads).
         num_protected: Leading tokens never merged (0 or 1): their rows get -inf.
+        split: The sets; ToMe's alternation by default.
 
     Returns:
-        (B, ceil(N / 2), floor(N / 2)) scores, A rows by B columns.
+        (B, N_a, N_b) scores, A rows by B columns (alternation: N_a = ceil(N / 2), N_b = floor(N / 2)).
     """
     with torch.no_grad():  # scores only choose indices
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        return protect_rows(scores, num_protected)
+        metric_a, metric_b = split.sets(metric)
+        return protect_rows(metric_a @ metric_b.transpose(-1, -2), num_protected)
 
 
 def protect_rows(scores: torch.Tensor, num_protected: int) -> torch.Tensor:
@@ -86,10 +136,13 @@ def argsort_descending(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=-1, descending=True, stable=True)
 
 
-def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) -> torch.Tensor:
+def bipartite_soft_matching(
+        scores: torch.Tensor, r: int, r_reverse: int = 0, split: TokenSplit = TokenSplit(), order_by_score: bool = True,
+) -> torch.Tensor:
     """Bipartite soft matching (ToMe, Sec. 3.1), optionally bidirectional (MCTF, Sec. 3.3).
 
-    Tokens alternate between set A (even positions) and set B (odd positions). A to B: each A token's edge goes to
+    Tokens are split into sets A and B (``split``: ToMe's alternation, A at even positions and B at odd ones, by
+    default). A to B: each A token's edge goes to
     its best B token and the ``r`` A tokens with the strongest edges merge into their B token; the others stay, in
     their original order (so a protected CLS token, whose row is -inf, stays first). B to A (``r_reverse`` > 0): on
     the same scores restricted to the A tokens that stayed, each B token's edge goes to its best of them and the
@@ -97,12 +150,16 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
 
     New order: the A tokens that stay, then the B tokens that stay - in their original order when ``r_reverse`` is 0
     (ToMe), by descending edge score otherwise (as MCTF's official code leaves them; the order decides the next
-    block's A/B split, so it is kept).
+    block's A/B split, so it is kept), unless ``order_by_score`` is False (original order). Ordering by score makes
+    every later merge depend on the order of nearly equal scores, which 1-ulp rounding differences between runtimes
+    can swap (see the MCTF module docstring); the original order does not.
 
     Args:
         scores: (B, N_a, N_b) edge scores, A rows by B columns; protected rows -inf.
         r: A-to-B merges, at most N_a minus the protected rows.
         r_reverse: B-to-A merges, at most N_b.
+        split: The sets the scores were computed on.
+        order_by_score: With ``r_reverse``, put the B tokens that stay in descending edge-score order (MCTF).
 
     Returns:
         destination (B, N): the new index of every token among the N - r - r_reverse new ones.
@@ -121,15 +178,13 @@ def bipartite_soft_matching(scores: torch.Tensor, r: int, r_reverse: int = 0) ->
             reverse = scores.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)
             best_score_b, best_kept_a = reverse.max(dim=-1)  # best staying A token (its new index) per B token
             rank_b = argsort_descending(best_score_b).argsort(dim=-1)
-            destination_b = torch.where(rank_b < r_reverse, best_kept_a, num_kept_a + rank_b - r_reverse)
+            merged_b = rank_b < r_reverse
+            kept_b_index = rank_b - r_reverse if order_by_score else (~merged_b).long().cumsum(dim=-1) - 1
+            destination_b = torch.where(merged_b, best_kept_a, num_kept_a + kept_b_index)
         else:
             destination_b = (num_kept_a + torch.arange(num_b, device=scores.device)).expand(B, -1)
         destination_a = torch.where(merged_a, destination_b.gather(1, best_b), kept_a_index)
-        # Interleave back to the original order: A at even positions, B at odd ones.
-        destination = torch.stack([destination_a[:, :num_b], destination_b], dim=-1).flatten(1)
-        if num_a > num_b:
-            destination = torch.cat([destination, destination_a[:, -1:]], dim=1)
-    return destination
+        return split.join(destination_a, destination_b)
 
 
 def merge_sum(

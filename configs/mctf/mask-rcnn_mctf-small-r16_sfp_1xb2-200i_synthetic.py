@@ -1,3 +1,0 @@
-# MCTF-S (r = 16 at blocks 1-11: the paper's DeiT setting) in place of DeiT-S; all else is the baseline's.
-_base_ = "../deit/mask-rcnn_deit-small_sfp_1xb2-200i_synthetic.py"
-model = dict(backbone=dict(model_name="mctf_small", model_kwargs=dict(r=16)))

@@ -1,3 +1,0 @@
-# ToMe-S (r = 13 in every block: the paper's DeiT setting) in place of DeiT-S; all else is the baseline's.
-_base_ = "../deit/upernet_deit-small_mln_1xb2-200i_synthetic.py"
-model = dict(backbone=dict(model_name="tome_small", model_kwargs=dict(r=13)))
