@@ -5,6 +5,8 @@ from .fusion import multi_criteria_scores, one_step_ahead_attention, received_at
 from .merge import (RSchedule, bipartite_soft_matching, cosine_scores, merge_sum, merge_weighted_average, protect_rows,
                     reduction_schedule)
 from .record import TokenRecord, compose_sources, destination_of_kept, identity_sources, restore
+from .sparse_attention import (connectivity_index, connectivity_mask, gathered_sparse_attention, keep_top_coefficients,
+                               masked_sparse_attention, query_chunk_size, resample_token_projection, sparsify_basis)
 
 __all__ = [
     "TokenAttention", "cls_attention", "size_bias",
@@ -13,4 +15,6 @@ __all__ = [
     "reduction_schedule",
     "multi_criteria_scores", "one_step_ahead_attention", "received_attention",
     "TokenRecord", "compose_sources", "destination_of_kept", "identity_sources", "restore",
+    "connectivity_index", "connectivity_mask", "gathered_sparse_attention", "keep_top_coefficients",
+    "masked_sparse_attention", "query_chunk_size", "resample_token_projection", "sparsify_basis",
 ]
