@@ -160,30 +160,36 @@ class ConnectivityPredictor(nn.Module):
             rows: (B, N) row of each current token (0 = CLS, 1 + p = patch position p), or None for all tokens.
 
         Returns:
-            Two (1 + H * W, K) tensors, or (B, 1, N, K) with ``rows``.
+            Two (1 + H * W, K) tensors, or (B, N, K) with ``rows``.
         """
         proj_n = resample_token_projection(self.proj_n, grid, self.grid, preserve_sum=True)
         proj_back = resample_token_projection(self.proj_back_n, grid, self.grid)
         if rows is None:
             return proj_n, proj_back
-        return proj_n[rows].unsqueeze(1), proj_back[rows].unsqueeze(1)
+        return proj_n[rows], proj_back[rows]
 
-    def coefficients(self, q: torch.Tensor, k: torch.Tensor, proj_n: torch.Tensor) -> torch.Tensor:
-        """Basis coefficients of the patch queries, before the top-k (all K of them, summing to 1).
+    def coefficient_logits(self, q: torch.Tensor, k: torch.Tensor, proj_n: torch.Tensor) -> torch.Tensor:
+        """Logits of the patch queries' basis coefficients (softmax over the last axis gives the coefficients).
 
         Args:
             q, k: (B, H, N, D) queries and keys, CLS first.
-            proj_n: (N, K) or (B, 1, N, K) token-axis projection of the current tokens.
+            proj_n: (N, K), or (B, N, K) per image, token-axis projection of the current tokens.
 
         Returns:
             (B, H, N - 1, K).
         """
-        # Reassociated (module docstring): K~ = W_k (k^T P) + b_k (1^T P), logits = q (W_q^T K~) + b_q K~.
-        keys = self.proj_c_k.weight @ (k.transpose(-2, -1) @ proj_n)
-        keys = keys + self.proj_c_k.bias.unsqueeze(-1) * proj_n.sum(dim=-2, keepdim=True)
-        query_map = self.proj_c_q.weight.t() @ keys
-        query_bias = (self.proj_c_q.bias @ keys).unsqueeze(-2)
-        return ((q[:, :, 1:] @ query_map + query_bias) * self.scale).softmax(dim=-1)
+        B, H, N, D = k.shape
+        # Reassociated (module docstring), in transposed form so that the big products have the K basis rows on the
+        # left: K~^T = (P^T k) W_k^T + (P^T 1) b_k^T (K x c) and logits = q (K~^T W_q)^T + 1 (K~^T b_q)^T, scale
+        # folded into the small factors. P^T k is one product for all heads (k's heads are adjacent in memory).
+        projected = (proj_n.transpose(-2, -1) @ k.transpose(1, 2).reshape(B, N, H * D))
+        projected = projected.view(B, -1, H, D).transpose(1, 2)  # (B, H, K, D)
+        column = proj_n.sum(dim=-2).unsqueeze(-1)  # P^T 1: (K, 1), or (B, K, 1) -> (B, 1, K, 1)
+        column = column.unsqueeze(1) if column.dim() == 3 else column
+        keys = F.linear(projected, self.proj_c_k.weight) + column * self.proj_c_k.bias
+        query_map = (keys @ self.proj_c_q.weight) * self.scale
+        query_bias = (keys @ self.proj_c_q.bias) * self.scale
+        return q[:, :, 1:] @ query_map.transpose(-2, -1) + query_bias.unsqueeze(-2)
 
     def forward(
             self,
@@ -206,10 +212,15 @@ class ConnectivityPredictor(nn.Module):
             coef (B, H, N - 1, K) and basis (K, N) or (B, 1, K, N).
         """
         proj_n, proj_back = self.token_projections(grid, rows)
-        coef = self.coefficients(q, k, proj_n)
+        logits = self.coefficient_logits(q, k, proj_n)
+        coef = logits.softmax(dim=-1)
         if reconstruct:
-            return coef, proj_back.transpose(-2, -1)
-        return keep_top_coefficients(coef, self.basis_topk), sparsify_basis(proj_back, self.basis_threshold)
+            basis = proj_back.transpose(-2, -1)
+            return coef, basis if rows is None else basis.unsqueeze(1)
+        # the top-k is taken on the logits: the softmax's order, without its rounding (keep_top_coefficients)
+        coef = keep_top_coefficients(coef, self.basis_topk, order=logits)
+        basis = sparsify_basis(proj_back, self.basis_threshold)
+        return coef, basis if rows is None else basis.unsqueeze(1)
 
 
 class SparsifinerAttention(TokenAttention):
@@ -276,7 +287,7 @@ class SparsifinerAttention(TokenAttention):
         elif self.use_gather(num_tokens):
             out = gathered_sparse_attention(q, k, v, coef, basis, budget, self.scale)
         else:
-            mask = connectivity_mask(connectivity_index(coef, basis, budget), num_tokens)
+            mask = connectivity_mask(connectivity_index(coef, basis, budget), num_tokens, dtype=q.dtype)
             out = masked_sparse_attention(q, k, v, mask, self.attn_drop.p if self.training else 0.0)
         cls_attn = cls_attention(q, k, self.scale) if with_cls_attn else None
         return self._project(out), cls_attn, approx

@@ -50,9 +50,15 @@ def test_mask_keeps_the_budget_per_row_and_the_cls_row_dense(monkeypatch) -> Non
     model = timm.create_model("sparsifiner_tiny", depth=2, sparse_path="masked").eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
-    assert len(masks) == 2 and all(m.shape == (1, 3, 197, 197) for m in masks)
+    assert len(masks) == 2 and all(m.shape == (1, 3, 197, 197) and m.dtype == torch.float32 for m in masks)
     for m in masks:
-        assert m[:, :, 0].all() and (m[:, :, 1:].sum(-1) == 50).all()
+        assert set(m.unique().tolist()) == {0.0, float("-inf")}  # the additive form of the mask
+        connected = m == 0
+        assert connected[:, :, 0].all() and (connected[:, :, 1:].sum(-1) == 50).all()
+    # the additive form attends exactly like the bool mask
+    index = connectivity_index(coef, basis, budget)
+    torch.testing.assert_close(masked_sparse_attention(q, k, v, connectivity_mask(index, 37, dtype=torch.float32)),
+                               masked_sparse_attention(q, k, v, connectivity_mask(index, 37)), rtol=0, atol=1e-6)
 
 
 def test_exact_zero_scores_go_to_the_lowest_keys() -> None:
@@ -265,6 +271,25 @@ def test_deit_weights_load_with_the_predictor_keys_listed(caplog, deit_state_dic
     assert all(key in caplog.text for key in missing)
 
 
+def test_openmmlab_backbone_loads_deit_weights_and_logs_the_random_predictor(tmp_path, monkeypatch) -> None:
+    tm = pytest.importorskip("tokenzoo.mm")
+    deit = timm.create_model("deit_tiny_patch16_224", depth=2)
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": deit.state_dict()}, path)
+    backbone = tm.TokenZooViT("sparsifiner_tiny", dict(depth=2), img_size=128, out_indices=(0, 1),
+                              init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    predictor = {k: v.clone() for k, v in backbone.state_dict().items() if ".mask_predictor." in k}
+    messages = []
+    monkeypatch.setattr(tm.backbone, "print_log", lambda message, **kwargs: messages.append(message))
+    backbone.init_weights()
+    torch.testing.assert_close(backbone.vit.blocks[1].attn.qkv.weight, deit.blocks[1].attn.qkv.weight)
+    assert len(predictor) == 12 and all(torch.equal(backbone.state_dict()[k], v) for k, v in predictor.items())
+    assert len(messages) == 1 and all(key.removeprefix("vit.") in messages[0] for key in predictor)
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 96, 160))
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 6, 10)] * 2
+
+
 def test_predictor_is_skipped_at_keep_rate_one() -> None:
     model = timm.create_model("sparsifiner_tiny", depth=2, attn_keep_rate=1.0).eval()
     for blk in model.blocks:
@@ -341,6 +366,22 @@ def test_positions_follow_two_removals() -> None:
         record = record.follow(destination_of_kept(keep, num_old), num_new)
         positions = positions.gather(1, keep)
         assert torch.equal(_patch_positions(record, num_new, 16), positions)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sparse_path="masked"), dict(sparse_path="gather"),
+                                    dict(sparse_path="gather", token_keep_rate=0.5, reduction_loc=(0,))])
+def test_onnx_export_matches_pytorch_at_batch_1_and_3(tmp_path, kwargs: dict) -> None:
+    """The export always takes the masked path (no embedding bag, whose ONNX form is a loop over bags); the eager
+    gather path must give the same outputs. Two blocks keep the number of top-k choices (each a possible near-tie
+    between two runtimes' roundings, see the module docstring) small."""
+    onnx_export = pytest.importorskip("tokenzoo.export.onnx_export")
+    onnx = pytest.importorskip("onnx")
+    model = timm.create_model("sparsifiner_tiny", depth=2, img_size=96, **kwargs).eval()
+    path = onnx_export.export_onnx(model, tmp_path / "sparsifiner.onnx", img_size=96)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "TopK" in ops and "Loop" not in ops
+    diffs = onnx_export.check_parity(model, path, batch_sizes=(1, 3), img_size=96)
+    assert max(diffs.values()) < onnx_export.PARITY_TOL, diffs
 
 
 def _tiny_student_and_teacher(img_size: int = 96, **kwargs):
