@@ -22,10 +22,14 @@ image, head and query, which keys the query attends to:
 
 Attention then runs only over each query's connected keys (``tokenzoo.layers.sparse_attention``): the masked path
 (one fused SDPA call with the mask: training, reference, ONNX export) or the gather path (selected keys only, in
-query chunks). ``sparse_path="auto"`` (default) takes the gather path in eval mode from ``GATHER_MIN_TOKENS`` tokens
-on; training always uses the masked path. Measured side by side in one process (DeiT-S dims, batch 1, one thread,
-keep 0.25, predictor included; approximate, shared 2-core machine), the gather path is faster from about 65 tokens
-on: see ``GATHER_MIN_TOKENS``.
+query chunks, memory bounded). ``sparse_path="auto"`` (default) takes the gather path in eval mode from
+``GATHER_MIN_TOKENS`` = 65 tokens on; training and export always use the masked path. Measured side by side in one
+process (``tools/sparsifiner_attention.py``: DeiT-S heads, batch 1, one thread, keep 0.25, predictor and selection
+included, fastest of 20 runs; approximate, shared 2-core machine), masked vs gather per block: 0.47 vs 0.54 ms at 37
+tokens, 0.85 vs 0.85 ms at 65, 1.66 vs 1.56 at 101, 4.9 vs 4.4 at 197, 88 vs 65 at 577. On this CPU both stay
+slower than DeiT's dense fused attention (0.90 ms at 197 tokens): the top-k selection of each query's keys alone
+(2.2 ms at 197) costs more than the attention it saves; the sparse attention itself, given the selection, is about
+as fast as dense attention (1.0 ms at 197).
 
 Defaults are the official default config (``sparsifiner_default_config.yaml``): keep rate 0.25 in every block,
 reduce_n 6, reduce_c 2, basis top-8, basis threshold 2e-2, no token sparsity. ``token_keep_rate`` < 1 adds the
@@ -57,16 +61,24 @@ Differences from the official code, and why:
   reduction block keeps ceil(rate * its input tokens) (official: ceil(rate ** i * 196) from the full count; equal at
   224: 138, 97, 68). The attention budget stays ceil(keep * (P + 1)) of the full grid, as official, capped at the
   tokens left, CLS included (official: at the patch tokens left, which can drop the CLS key in dense rows).
-* The predictor is computed reassociated: projected keys K~ = W_k (k^T P_n) + b_k (1^T P_n) and coefficient logits
-  q (W_q^T K~) + b_q K~, the same function as the official (q W_q^T + b_q)((k W_k^T + b_k)^T P_n) with fewer
-  multiply-adds (DeiT-S at 224: 5.6 instead of 7.3 M per block); the coefficients of the CLS row, which the official
-  code computes and discards, are not computed. Rounding differs at the 1e-7 level.
-* The basis coefficients keep every entry >= the 8th largest (no scatter): different only on exact nonzero ties.
+* The predictor is computed reassociated: projected keys K~^T = (P_n^T k) W_k^T + (P_n^T 1) b_k^T and coefficient
+  logits q (K~^T W_q)^T + 1 (K~^T b_q)^T, the same function as the official (q W_q^T + b_q)((k W_k^T + b_k)^T P_n)
+  with fewer multiply-adds (DeiT-S at 224: 5.6 instead of 7.3 M per block); the coefficients of the CLS row, which
+  the official code computes and discards, are not computed. Rounding differs at the 1e-7 level.
+* The top-8 coefficients are chosen on the logits (the softmax's order, without the rounding of its exponential) and
+  every entry >= the 8th is kept (no scatter): different from the official top-k + scatter only on exact ties.
+* Keys whose approximate score is exactly 0 (no kept basis token reaches them) are taken in key order when a row has
+  fewer nonzero scores than its budget (official: in whatever order the top-k kernel returns them), so every runtime
+  and both paths select the same keys.
 * When the budget covers every key (keep rate 1, or very few tokens), attention is dense and the predictor does not
   run (the official code runs it and masks nothing: the same result).
 * The predictor parameters are frozen (``requires_grad=False``) except in the predictor phase: the official code only
   ever updates them there (separate optimizers), and the task loss never reaches them (the mask is detached), so a
   fine-tune (classification, detection, segmentation) leaves them as loaded.
+* Selections are discontinuous: where two candidates' scores are closer than rounding (~1e-7 relative), two
+  implementations can choose differently (as the official code run on two GPUs can). Between two float32 orders of
+  the same products this happened in about 1 patch row in 20,000 (DeiT-Ti, random weights), moving the logits by up
+  to ~2e-4, so an ONNX export matches PyTorch to < 1e-4 on most inputs, not by construction on all.
 * Not implemented (official options off by default): ``SHARE_INOUT_PROJ``, threshold instead of top-k for the
   coefficients and the connectivity, the L1/ratio/budget losses and the attention self-distillation phase.
 """
@@ -311,20 +323,15 @@ class SparsifinerBlock(Block):
     """timm ``Block`` (same keys, plus the attention's ``mask_predictor``) with sparse attention and, when its token
     keep rate < 1, token sparsity between attention and MLP."""
 
-    def __init__(
-            self,
-            *args,
-            grid: Tuple[int, int],
-            num_basis: int,
-            reduce_c_factor: float = 2,
-            basis_topk: int = 8,
-            basis_threshold: float = 2e-2,
-            **kwargs,
-    ) -> None:
+    def __init__(self, *args, predictor_fn: Callable[..., ConnectivityPredictor], **kwargs) -> None:
+        """
+        Args:
+            *args, **kwargs: timm ``Block`` arguments.
+            predictor_fn: Builds the connectivity predictor from (head_dim, num_heads).
+        """
         kwargs["attn_layer"] = SparsifinerAttention
         super().__init__(*args, **kwargs)
-        self.attn.mask_predictor = ConnectivityPredictor(
-            self.attn.head_dim, self.attn.num_heads, grid, num_basis, reduce_c_factor, basis_topk, basis_threshold)
+        self.attn.mask_predictor = predictor_fn(self.attn.head_dim, self.attn.num_heads)
         self.token_keep_rate = 1.0  # set by Sparsifiner
 
     def num_kept(self, num_patch_tokens: int) -> int:
@@ -434,8 +441,9 @@ class Sparsifiner(TokenVisionTransformer):
                              f"reduce_c_factor must be >= 1")
         if isinstance(basis_topk, bool) or not isinstance(basis_topk, int) or not 1 <= basis_topk <= num_basis:
             raise ValueError(f"basis_topk must be an int in [1, {num_basis}] (the basis tokens), got {basis_topk!r}")
-        block_fn = partial(SparsifinerBlock, grid=grid, num_basis=num_basis, reduce_c_factor=reduce_c_factor,
-                           basis_topk=basis_topk, basis_threshold=float(basis_threshold))
+        predictor_fn = partial(ConnectivityPredictor, grid=grid, num_basis=num_basis, reduce_c_factor=reduce_c_factor,
+                               basis_topk=basis_topk, basis_threshold=float(basis_threshold))
+        block_fn = partial(SparsifinerBlock, predictor_fn=predictor_fn)
         super().__init__(block_fn=block_fn, **kwargs)
         self.attn_keep_rate = attn_keep_rate
         self.token_keep_rate = token_keep_rate

@@ -10,7 +10,8 @@ the operators here take it from there:
 * ``masked_sparse_attention``: dense attention restricted by the mask (one fused SDPA call with the mask as an
   additive bias: the training, reference and export path);
 * ``gathered_sparse_attention``: the same result from each query's selected keys only, in query chunks so that memory
-  stays bounded (about 64 MB per image per block at 4096 tokens);
+  stays bounded (measured peak at 4096 tokens, two DeiT-S blocks, batch 1: +231 MB, against +1038 MB for the masked
+  path and +129 MB for DeiT-S's fused dense attention);
 * ``resample_token_projection``: the predictor's token-axis projections resampled to another patch grid.
 
 The gather path computes each chunk's query-key scores with one dense matrix product and keeps the selected ones:
