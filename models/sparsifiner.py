@@ -43,7 +43,9 @@ Training follows the official two phases (``src/main.py``, the default yaml): ``
 (approximate attention against a dense teacher's, summed MSE, weight 0.01; 5 epochs); ``set_training_phase(model,
 "backbone")`` then trains the backbone with the predictors frozen on ``backbone_distillation_loss`` (CE 1.0 + KL
 distillation 0.5 + last-layer token MSE 0.5; 45 epochs). ``teacher_outputs`` gives the teacher's targets and
-``Sparsifiner.forward_train`` the student's.
+``Sparsifiner.forward_train`` the student's. The official schedule around them (the trainer's business): AdamW,
+weight decay 0.05, 168 images per GPU on 8 GPUs; predictor phase lr 3e-4 -> 2e-4 (cosine, 3 warm-up epochs),
+backbone phase lr 8e-5 -> 2e-6 (cosine, 3 warm-up epochs), each phase with its own optimizer over its parameters.
 
 Differences from the official code, and why:
 
@@ -463,21 +465,25 @@ class Sparsifiner(TokenVisionTransformer):
         # The predictor rows of the tokens left after a removal are found from the sources.
         return super()._start(x, track_sources or self.removes_tokens)
 
-    def forward_train(self, x: torch.Tensor) -> Dict[str, Any]:
+    def forward_train(self, x: torch.Tensor, with_approx: Optional[bool] = None) -> Dict[str, Any]:
         """The student's outputs the training losses take (official ``Sparsifiner.forward`` dictionary).
 
         Args:
             x: Images (B, 3, H, W).
+            with_approx: Return the approximate attention; by default only in the predictor phase, the one loss
+                that uses it (in the backbone phase it would only hold memory for the backward).
 
         Returns:
             ``logits`` (B, classes); ``tokens`` (B, N, C): the final-norm patch tokens; ``positions`` (B, N) their
             grid positions, or None when no token was removed; ``approx_attn``: per block the approximate attention
-            (B, H, N_i - 1, N_i) of its patch queries (the training form in the predictor phase).
+            (B, H, N_i - 1, N_i) of its patch queries (the training form in the predictor phase), or None.
         """
+        if with_approx is None:
+            with_approx = any(blk.attn.distill_predictor for blk in self.blocks)
         x, record = self._start(x, track_sources=False)
         approx_attn = []
         for blk in self.blocks:
-            x, record, approx = blk.forward_with_approx(x, record)
+            x, record, approx = blk.forward_with_approx(x, record, with_approx=with_approx)
             approx_attn.append(approx)
         x = self.norm(x)
         num_patch = x.shape[1] - self.num_prefix_tokens

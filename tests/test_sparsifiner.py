@@ -459,6 +459,7 @@ def test_the_two_training_phases_train_what_they_should_and_lower_their_losses()
     assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
 
     params = set_training_phase(student, "backbone")
+    assert student.forward_train(torch.randn(1, 3, 96, 96))["approx_attn"] == [None, None]
     predictor = {n: p.detach().clone() for n, p in student.named_parameters() if ".mask_predictor." in n}
     assert len(params) == len(frozen)
     losses = _train(student, teacher, lambda o, t, tt: backbone_distillation_loss(o, t, tt)[0], params)
