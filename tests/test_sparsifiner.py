@@ -323,22 +323,25 @@ def test_token_sparsity_keeps_the_official_counts() -> None:
 
 
 def test_removed_tokens_match_the_official_zero_masking_for_the_kept_queries() -> None:
-    """After a removal the predictor must use the kept tokens' own rows of proj_n / proj_back_n: the patch queries
-    left then see exactly what the official code computes with those tokens zero-masked (token_mask)."""
+    """After a removal a block must give the predictor the kept tokens' own rows of proj_n / proj_back_n (found from
+    the record): the patch tokens left then get exactly what the official code computes for them with the removed
+    tokens zero-masked (token_mask)."""
     model = timm.create_model("sparsifiner_tiny", depth=1, sparse_path="masked").eval()
-    attn = model.blocks[0].attn
-    predictor = attn.mask_predictor
+    block = model.blocks[0]
+    attn, predictor = block.attn, block.attn.mask_predictor
     predictor.proj_c_q.weight.data.mul_(15)
     predictor.proj_c_k.weight.data.mul_(15)
     B, N, C, H, D = 2, 197, 192, 3, 64
     x = torch.randn(B, N, C)
-    kept = torch.stack([torch.randperm(196)[:120] for _ in range(B)])  # positions of the tokens left
+    kept = torch.stack([torch.randperm(196)[:120] for _ in range(B)])  # the tokens left, in their new order
     token_mask = torch.zeros(B, 196, dtype=torch.bool).scatter(1, kept, True)
-    rows = torch.cat([torch.zeros(B, 1, dtype=torch.long), kept + 1], dim=1)
+    record = TokenRecord.start(x, 1, (14, 14), track_sources=True).follow(destination_of_kept(kept, 196), 120)
+    x_kept = torch.cat([x[:, :1], x[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, C))], dim=1)
     with torch.no_grad():
-        out, _, _ = attn.forward_sparse(x.gather(1, rows.unsqueeze(-1).expand(-1, -1, C)), (14, 14), rows)
+        out, _ = block(x_kept, record)
         # official Attention + MaskPredictor with prev_token_mask (PRUNE_ATTN_MATRIX_ROW off), written out
-        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(block.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         zero = ~token_mask[:, None, :, None]
         q, k, v = (torch.cat([t[:, :, :1], t[:, :, 1:].masked_fill(zero, 0.0)], dim=2) for t in (q, k, v))
         q_r, k_r = predictor.proj_c_q(q), predictor.proj_c_k(k)
@@ -351,9 +354,10 @@ def test_removed_tokens_match_the_official_zero_masking_for_the_kept_queries() -
         budget = min(120, math.ceil(0.25 * N))
         mask = torch.zeros_like(score).scatter(-1, score.topk(budget, sorted=False)[1], 1.0)
         logits = ((q[:, :, 1:] @ k.transpose(-2, -1)) * D ** -0.5).masked_fill(mask == 0, float("-inf"))
-        official = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N - 1, C)
-        official = attn.proj(official).gather(1, kept.unsqueeze(-1).expand(-1, -1, C))
-    torch.testing.assert_close(out[:, 1:], official, rtol=0, atol=1e-5)
+        official = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N - 1, C))
+        patches = x_kept[:, 1:] + official.gather(1, kept.unsqueeze(-1).expand(-1, -1, C))
+        expected = patches + block.mlp(block.norm2(patches))
+    torch.testing.assert_close(out[:, 1:], expected, rtol=0, atol=1e-5)
 
 
 def test_positions_follow_two_removals() -> None:

@@ -20,7 +20,9 @@ the keys + batched dot products: 10-20x slower than the dense product at 197 and
 ``sampled_addmm``: as fast as the dense product at 197 tokens, 2x slower at 577; one thread, approximate, shared
 machine). The softmax and the value sum, the part whose cost falls with the keep rate, run over the selected keys
 only; the value sum is a weighted ``embedding_bag`` over the flattened values (a fused gather and multiply-add that
-never materializes the gathered values). tokenzoo.profiling counts it as its multiply-adds.
+never materializes the gathered values). tokenzoo.profiling counts it as its multiply-adds. The gather path is for
+eager PyTorch: ONNX has no fused gather and multiply-add (torch exports ``embedding_bag`` as a loop over the bags), so
+an export takes the masked path.
 """
 import math
 from typing import Optional, Sequence
