@@ -5,13 +5,15 @@ ONNX export and onnxruntime timing live in ``tokenzoo.export``. ``tools/benchmar
 
 FLOPs are counted by running the model under ``torch.utils.flop_counter.FlopCounterMode`` (DESIGN contract 9).
 torch ships no formula for the fused CPU attention kernel that ``F.scaled_dot_product_attention`` dispatches to, so
-without one the attention matmuls count as zero (DeiT-S reads 4.24 instead of 4.6 GMACs). Importing this module
-registers that formula once.
+without one the attention matmuls count as zero (DeiT-S reads 4.24 instead of 4.6 GMACs). Nor does it count a
+weighted ``embedding_bag`` (a gather and multiply-add, the value sum of Sparsifiner's gather path). Importing this
+module registers those formulas once.
 """
 import contextlib
 import ctypes
 import difflib
 import importlib.metadata
+import math
 import os
 import platform
 import time
@@ -52,17 +54,33 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return 2 * _sdpa_cpu_flop(query_shape, key_shape, value_shape)
 
 
+def _embedding_bag_flop(weight_shape, indices_shape, offsets_shape=None, scale_grad_by_freq=False, mode=0,
+                        sparse=False, per_sample_weights_shape=None, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a weighted ``embedding_bag``: one multiply-add per index and channel (2 FLOPs).
+
+    An unweighted bag is a plain sum, elementwise like every reduction FlopCounterMode leaves uncounted.
+    """
+    if per_sample_weights_shape is None:
+        return 0
+    return 2 * math.prod(indices_shape) * weight_shape[-1]
+
+
 def _register_sdpa_flops() -> None:
-    """Register FLOP formulas for the CPU fused attention kernels, keeping any registration that already exists.
+    """Register FLOP formulas for the CPU fused attention kernels and the weighted embedding bag, keeping any
+    registration that already exists.
 
     On CPU, SDPA runs ``_scaled_dot_product_flash_attention_for_cpu`` (with or without a float/bool mask, causal or
     not); the math fallback (dropout, mismatched head dims) decomposes into ``bmm`` which torch already counts.
+    ``embedding_bag`` dispatches to one of three kernels depending on autograd.
     A formula registered before us (a newer torch, or another library) wins: ``register_flop_formula`` raises on a
     duplicate, and each target is registered on its own so one duplicate does not skip the others.
     """
     formulas: dict[str, Callable[..., int]] = {
         '_scaled_dot_product_flash_attention_for_cpu': _sdpa_cpu_flop,
         '_scaled_dot_product_flash_attention_for_cpu_backward': _sdpa_cpu_backward_flop,
+        'embedding_bag': _embedding_bag_flop,
+        '_embedding_bag': _embedding_bag_flop,
+        '_embedding_bag_forward_only': _embedding_bag_flop,
     }
     for op_name, formula in formulas.items():
         op = getattr(torch.ops.aten, op_name, None)

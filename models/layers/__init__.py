@@ -7,6 +7,8 @@ from .merge import (TokenSplit, argsort_descending, bipartite_soft_matching, cos
                     merge_weighted_average, num_b_tokens, protect_rows)
 from .schedule import RSchedule, check_merge_window, check_reduction_loc, reduction_schedule, tokens_to_reduce
 from .record import TokenRecord, compose_sources, destination_of_kept, identity_sources, restore
+from .sparse_attention import (connectivity_index, connectivity_mask, gathered_sparse_attention, keep_top_coefficients,
+                               masked_sparse_attention, query_chunk_size, resample_token_projection, sparsify_basis)
 
 __all__ = [
     "TokenAttention", "cls_attention", "size_bias",
@@ -17,4 +19,6 @@ __all__ = [
     "multi_criteria_scores", "one_step_ahead_attention", "one_step_ahead_attention_fused", "received_attention",
     "received_attention_chunked",
     "TokenRecord", "compose_sources", "destination_of_kept", "identity_sources", "restore",
+    "connectivity_index", "connectivity_mask", "gathered_sparse_attention", "keep_top_coefficients",
+    "masked_sparse_attention", "query_chunk_size", "resample_token_projection", "sparsify_basis",
 ]

@@ -1,0 +1,5 @@
+# Sparsifiner-S (attention keep rate 0.25 in every block: the official default) in place of DeiT-S; all else is the
+# baseline's. The connectivity predictors are not in the DeiT-S weights: they start at random (the log lists them);
+# load a Sparsifiner checkpoint for trained ones.
+_base_ = "../deit/mask-rcnn_deit-small_sfp_8xb2-lsj-100e_coco.py"
+model = dict(backbone=dict(model_name="sparsifiner_small", model_kwargs=dict(attn_keep_rate=0.25)))
