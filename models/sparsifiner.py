@@ -97,11 +97,10 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .layers import (TokenAttention, TokenRecord, cls_attention, connectivity_index, connectivity_mask,
-                     destination_of_kept, gathered_sparse_attention, keep_top_coefficients, keep_topk,
-                     masked_sparse_attention, resample_token_projection, sparsify_basis)
-from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, check_reduction_loc,
-                        deit_weights_cfg, to_2tuple_size)
+from .layers import (TokenAttention, TokenRecord, check_reduction_loc, cls_attention, connectivity_index,
+                     connectivity_mask, destination_of_kept, gathered_sparse_attention, keep_top_coefficients,
+                     keep_topk, masked_sparse_attention, resample_token_projection, sparsify_basis)
+from .token_vit import TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg, to_2tuple_size
 
 __all__ = [
     "ConnectivityPredictor", "GATHER_MIN_TOKENS", "Sparsifiner", "SparsifinerAttention", "SparsifinerBlock",
@@ -342,7 +341,7 @@ class SparsifinerBlock(Block):
             return num_patch_tokens
         return min(num_patch_tokens, math.ceil(self.token_keep_rate * num_patch_tokens))
 
-    def num_patch_tokens_out(self, num_patch_tokens: int) -> int:
+    def num_patch_tokens_out(self, num_patch_tokens: int, grid: Tuple[int, int]) -> int:
         return self.num_kept(num_patch_tokens)
 
     def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
@@ -390,6 +389,10 @@ class Sparsifiner(TokenVisionTransformer):
     adds_parameters = True
     reduces_tokens = False
 
+    @classmethod
+    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
+        check_one_cls_token("Sparsifiner", global_pool, class_token, reg_tokens)
+
     def __init__(
             self,
             attn_keep_rate: float = 0.25,
@@ -428,7 +431,6 @@ class Sparsifiner(TokenVisionTransformer):
         # The token-sparsity blocks matter (and are checked) only when token sparsity is on: a shallow model with
         # attention sparsity alone needs no reduction_loc.
         reduction_loc = check_reduction_loc(reduction_loc, kwargs.get("depth", 12)) if token_keep_rate < 1 else ()
-        check_one_cls_token(kwargs, "Sparsifiner")
         patch = to_2tuple_size(kwargs.get("patch_size", 16))
         img = to_2tuple_size(kwargs.get("img_size", 224))
         grid = (img[0] // patch[0], img[1] // patch[1])

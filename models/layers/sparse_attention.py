@@ -99,9 +99,10 @@ def connectivity_index(coef: torch.Tensor, basis: torch.Tensor, budget: int) -> 
     num_keys = basis.shape[-1]
     ramp = (num_keys - torch.arange(num_keys, device=coef.device, dtype=coef.dtype)) * _TIE_BREAK
     scores = coef @ basis + ramp
-    if not (is_exporting() or torch.onnx.is_in_onnx_export()):
+    if not (is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
         # Nonnegative floats order as their bit patterns do, and torch's integer top-k is about 1.7x faster on CPU
-        # (no NaN handling); ONNX has no bit cast at the opsets used, so an export selects on the floats.
+        # (no NaN handling); ONNX has no bit cast at the opsets used and TorchScript cannot trace one, so exports
+        # and traces select on the floats.
         scores = scores.view(torch.int32)
     return scores.topk(budget, dim=-1, sorted=False).indices
 
