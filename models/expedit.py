@@ -57,8 +57,8 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from .layers import NumClusters, TokenRecord, check_num_clusters, cluster_grid_size, reconstruction_weights, \
-    token_clustering
+from .layers import (NumClusters, TokenRecord, check_num_clusters, cluster_grid_size, reconstruction_weights,
+                     token_clustering)
 from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
 
 __all__ = ["ClusterSettings", "Expedit", "ExpeditBlock", "paper_cluster_loc"]

@@ -12,11 +12,12 @@ over its allowed centres, D the squared Euclidean distance, and moves each centr
 the tokens, the assignment detached as in the official code (gradients reach the tokens only through that mean). The
 temperature *multiplies* the distance, as in the official code: small values (0.02) give soft assignments.
 
-The official code builds the full (h*w) x (H*W) distance matrix and masks it. Here each token meets only its window:
-tokens are grouped by initial cell (padded to the largest cell), each cell gathers the centres of its window, the
-distances are one batched product per cell, and the centre update adds each (cell, window slot) partial sum to the
-centre it belongs to with one gather over static indices. That costs O(N * window^2 * C) instead of
-O(N * h * w * C), with the same result (the tests compare it with the masked full computation).
+The official code builds the full (h*w) x (H*W) distance matrix and masks it. Here each token meets only the centres
+near its window: the cell grid is cut into tiles of window x window cells, a tile's tokens meet the centres of the
+tile grown by the window radius (fewer than 4 * window^2), where a static mask keeps each token's window; distances
+are one batched product per tile, and the centre update adds the per-tile partial sums of each centre (at most 4)
+with one gather over static indices. That costs O(N * window^2 * C) instead of O(N * h * w * C), with the same
+result (the tests compare it with the masked full computation).
 
 *Reconstruction weights* relate the tokens that entered clustering to the centres it produced: each token keeps its
 ``k`` nearest centres (among all centres, as the official code) with weights exp(-temperature * D), L2-normalized over
@@ -25,9 +26,10 @@ the refined cluster tokens at those indices (``TokenRecord.restore``).
 
 Deviations from the official code, and why:
 
-* Exactly k centres per token, ties broken by ``torch.topk`` (ONNX's TopK takes the lower index). The official mask
-  keeps every centre whose weight ties the k-th, which continuous features never produce, and needs a full-width
-  masked matrix.
+* Exactly k centres per token: the official mask keeps every centre whose weight ties the k-th (more than k), which
+  needs identical centres, never produced by continuous features. Which of such tied centres is kept is left to
+  ``torch.topk`` (ONNX's TopK keeps the lower index; PyTorch's CPU kernel does not promise an order): a guaranteed
+  index order would need a stable full sort, ~10x the cost of the top-k.
 * The weights are computed as exp(-temperature * (D - D_min)), D_min the token's nearest distance, before the
   normalization: equal to the official weights (the L2 normalization removes any common factor), but they cannot
   underflow. The official exp(-temperature * D) underflows in float32 once temperature * D exceeds ~87, and its
@@ -59,8 +61,9 @@ def nearest_source_index(out_size: int, in_size: int) -> List[int]:
     """The input index PyTorch's ``interpolate(mode="nearest")`` reads for each output index, along one axis.
 
     ATen computes floor(i * scale) in float32 with scale = in_size / out_size rounded to float32, so an exact product
-    can land just below an integer (40 -> 28 cells: position 10 reads cell 6, not 7). The official clustering
-    initializes its cell map this way; this reproduces it in plain Python (static: no tensor ops in a traced graph).
+    can land just below an integer (2 cells over 82 positions: position 41 reads cell 0, not 1). The official
+    clustering initializes its cell map this way; this reproduces it in plain Python (static: no tensor ops in a
+    traced graph).
 
     Returns:
         ``out_size`` non-decreasing indices in [0, in_size).
