@@ -226,10 +226,9 @@ class Expedit(TokenVisionTransformer):
 def _large_weights_cfg() -> dict:
     """timm's ViT-L/16 AugReg ImageNet-21k -> 1k weights at 384, the ViT-L the official Segmenter starts from."""
     return {
+        # the hub's state dict (a local copy loads with pretrained_cfg_overlay=dict(file=...)); the original JAX .npz
+        # loads with model.load_pretrained(path), timm's ViT npz reader
         "hf_hub_id": "timm/vit_large_patch16_384.augreg_in21k_ft_in1k",
-        "url": "https://storage.googleapis.com/vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-"
-               "sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz",
-        "custom_load": True,  # the url is a JAX .npz, read by timm's ViT npz loader (the hub copy is a state dict)
         "num_classes": 1000, "input_size": (3, 384, 384), "pool_size": None,
         "crop_pct": 1.0, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_INCEPTION_MEAN, "std": IMAGENET_INCEPTION_STD,

@@ -26,8 +26,9 @@ def reference_clustering(tokens: torch.Tensor, grid: Tuple[int, int], cluster_gr
     (H, W), (h, w) = grid, cluster_grid
     x = tokens.transpose(1, 2)  # (B, C, N)
     centres = F.adaptive_avg_pool2d(x.reshape(B, C, H, W), (h, w)).reshape(B, C, h * w)
-    labels = F.interpolate(torch.arange(h * w, dtype=tokens.dtype).view(1, 1, h, w), size=(H, W),
-                           mode="nearest").view(-1).long()  # initial cell of each token
+    # initial cell of each token, in float32 as the official code runs (labels .type_as a float32 model's features)
+    labels = F.interpolate(torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w), size=(H, W),
+                           mode="nearest").view(-1).long()
     cells = torch.arange(h * w)
     r = window // 2
     allowed = (((labels[None] // w - cells[:, None] // w).abs() <= r) &
@@ -83,6 +84,7 @@ def test_initial_cells_are_the_official_nearest_interpolation() -> None:
     ((40, 40), (28, 28), 5, 5, 0.02),  # the paper's ADE20K setting
     ((33, 20), (4, 17), 3, 5, 1.0),  # tiles cut off at the grid's edge
     ((6, 6), (4, 4), 5, 0, 1.0),  # no iteration: the average-pooled centres
+    ((82, 3), (2, 2), 1, 2, 0.5),  # position 41 starts in cell 0 (float32 rounding), where floor(41 * 2 / 82) = 1
 ])
 def test_windowed_clustering_equals_the_masked_full_computation(grid, cluster_grid, window, iters, temperature):
     tokens = (2 * torch.randn(2, grid[0] * grid[1], 8, dtype=torch.float64)).requires_grad_()
@@ -188,6 +190,19 @@ def test_paper_setting_and_the_scaling_rule() -> None:
     assert small.token_counts(224) == [196] * 5 + [100] * 7
     assert small.token_counts(512) == [1024] * 5 + [484] * 7
     assert small.token_counts((1024, 688)) == [64 * 43] * 5 + [45 * 30] * 7
+
+
+def test_large_loads_timm_vit_large_weights_through_timm(tmp_path) -> None:
+    """expedit_large takes timm's ViT-L/16 (384) checkpoint as it is, its position embedding resampled to the input
+    size (2 blocks here, the rest of ViT-L as it is)."""
+    vit = timm.create_model("vit_large_patch16_384", depth=2)
+    torch.save(vit.state_dict(), tmp_path / "vit_large.pth")
+    model = timm.create_model("expedit_large", depth=2, cluster_loc=0, img_size=640, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "vit_large.pth")))
+    assert model.pretrained_cfg["hf_hub_id"] == "timm/vit_large_patch16_384.augreg_in21k_ft_in1k"
+    state_dict = model.state_dict()
+    assert set(state_dict) == set(vit.state_dict()) and state_dict["pos_embed"].shape == (1, 1 + 40 * 40, 1024)
+    torch.testing.assert_close(state_dict["blocks.1.mlp.fc1.weight"], vit.blocks[1].mlp.fc1.weight, rtol=0, atol=0)
 
 
 def test_classification_is_timm_with_the_official_clustering_in_between() -> None:

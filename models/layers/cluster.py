@@ -232,15 +232,16 @@ def _window_means(assignment: torch.Tensor, tiles: torch.Tensor, incoming: torch
     """Centres (B, M, C): the assignment-weighted means of the tokens that may join them.
 
     Each tile sums its tokens per neighbourhood slot (one batched product, with an extra all-zero slot for the
-    padding of ``incoming``); each centre then adds up the few slots that hold it, as the official sum over all tokens
-    with the masked assignment does.
+    padding of ``incoming``); each centre then adds up the few (at most 4) slots that hold it, one gather per holder,
+    as the official sum over all tokens with the masked assignment does.
     """
     B, G, T, S = assignment.shape
     assignment = torch.cat([assignment, assignment.new_zeros(B, G, T, 1)], dim=-1)
-    partial = assignment.transpose(-1, -2) @ tiles  # (B, G, S + 1, C)
-    total = _rows(partial.reshape(B, G * (S + 1), -1), incoming).sum(dim=2)
-    mass = _rows(assignment.sum(dim=2).reshape(B, G * (S + 1)), incoming).sum(dim=2)
-    return total / mass.clamp(min=1e-16).unsqueeze(-1)  # the official clamp
+    partial = (assignment.transpose(-1, -2) @ tiles).reshape(B, G * (S + 1), -1)
+    mass = assignment.sum(dim=2).reshape(B, G * (S + 1))
+    total = sum(partial.index_select(1, holders) for holders in incoming.unbind(1))
+    total_mass = sum(mass.index_select(1, holders) for holders in incoming.unbind(1))
+    return total / total_mass.clamp(min=1e-16).unsqueeze(-1)  # the official clamp
 
 
 def token_clustering(
