@@ -1,4 +1,4 @@
-# Expedit-L on ADE20K at 640x640 with the paper's main setting (Table 1, Segmenter ViT-L/16; the official
+# Expedit-L on ADE20K at 640x640 with the paper's main setting (Segmenter ViT-L/16; the official
 # configs/segmenter_hourglass_vit/segmenter-hourglass-vit-l16_640x640_160k_ade20k.py): clustering after block 9 of 24
 # into 28x28 clusters of the 40x40 grid (0.7 of each side), 5 soft k-means rounds in 5x5 windows, temperature 0.02;
 # reconstruction from the k = 20 nearest clusters, temperature 0.02. ViT-L/16 AugReg weights, as the official configs.

@@ -127,7 +127,7 @@ def restore(
                    for j in range(K))
     else:
         # One fused gather and weighted sum over the batch's stacked tokens: gathering the (B, P, K, C) rows first
-        # moves K times the map through memory (K = 20 for Expedit's reconstruction: ~25x slower on a CPU).
+        # moves K times the map through memory (K = 20 for Expedit's reconstruction: 50-100x slower on a 2-core CPU).
         rows = sources + torch.arange(B, device=sources.device).view(B, 1, 1) * (N + 1)
         full = F.embedding_bag(rows.reshape(B * P, K), padded.reshape(B * (N + 1), C), mode="sum",
                                per_sample_weights=source_weights.reshape(B * P, K).to(tokens.dtype)).view(B, P, C)
