@@ -7,11 +7,11 @@ from typing import List
 
 import timm
 
-from . import evit, layers, mctf, sparsifiner, tome
+from . import evit, expedit, layers, mctf, sparsifiner, tome
 from .token_vit import TokenVisionTransformer
 
 __version__ = "0.1.0"
-__all__ = ["TokenVisionTransformer", "evit", "layers", "list_models", "mctf", "sparsifiner", "tome"]
+__all__ = ["TokenVisionTransformer", "evit", "expedit", "layers", "list_models", "mctf", "sparsifiner", "tome"]
 
 
 def list_models(pattern: str = "") -> List[str]:

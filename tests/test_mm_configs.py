@@ -24,6 +24,7 @@ TINY_KWARGS: Dict[str, Dict[str, Any]] = {
     "evit": dict(reduction_loc=(1, 2)),
     "tome": dict(reduction_loc=(1, 2)),
     "mctf": dict(reduction_loc=(1, 2, 3)),
+    "expedit": dict(cluster_loc=1, recon_k=4),  # 3x3 clusters of the smallest test inputs (64x64: a 4x4 grid)
 }
 TASKS = ("det", "seg")
 # Leaf configs of each family, by the dataset field of their name.
