@@ -7,11 +7,11 @@ from typing import List
 
 import timm
 
-from . import evit, layers, mctf, tome
+from . import evit, layers, lookupvit, mctf, tome
 from .token_vit import TokenVisionTransformer
 
 __version__ = "0.1.0"
-__all__ = ["TokenVisionTransformer", "evit", "layers", "list_models", "mctf", "tome"]
+__all__ = ["TokenVisionTransformer", "evit", "layers", "list_models", "lookupvit", "mctf", "tome"]
 
 
 def list_models(pattern: str = "") -> List[str]:

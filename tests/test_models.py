@@ -26,7 +26,7 @@ def model_class(name: str) -> type:
 
 
 def test_every_family_registers() -> None:
-    for family in ("evit", "tome", "mctf", "mctf_fast"):
+    for family in ("evit", "tome", "mctf", "mctf_fast", "lookupvit"):
         assert {f"{family}_{size}" for size in ("tiny", "small", "base")} <= set(MODELS)
 
 
