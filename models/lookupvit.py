@@ -19,9 +19,9 @@ What is implemented, step by step (D = width, N = lookup tokens, M = compressed 
    embedding. Both embeddings are resampled (bicubic, as timm) when the grid they are used at differs from the one
    they were built for. Choices the paper leaves open: the resize takes the patch embeddings *before* the lookup
    position embedding, so each stream carries one position code, its own (the compressed one is what the grid change
-   of multi-resolution training resamples); the bilinear resize is antialiased (``antialias=True``, the behaviour of
-   ``jax.image.resize``, which the paper's JAX code base would use), so that at a 14 -> 5 reduction every patch reaches
-   the compressed tokens instead of the 4 nearest samples of each output.
+   of multi-resolution training resamples); the bilinear resize is antialiased (``antialias=True``), so that at a
+   14 -> 5 reduction every patch contributes to the compressed tokens instead of only the 4 samples nearest to each
+   output (``jax.image.resize``, the usual resize of the JAX setting the paper comes from, antialiases likewise).
 2. The LookupViT block (Sec. 3, the block's update rules), pre-LN, drop path on every residual branch:
 
    a. Information gathering, ``F_p += MHBC_{l->p}(LN(F_p), LN(F_l))``: multi-head cross-attention with queries from
@@ -55,7 +55,11 @@ Open choices, with the reason for each:
 
 * Layer norms: one per input of each sub-layer and per stream (gathering: one on the compressed queries, one on the
   lookup keys/values; infusion: one on the compressed values; lookup MLP: its own), none shared across streams, since
-  the streams have different statistics; no norm on a residual stream (pre-LN throughout, as ViT).
+  the streams have different statistics; the infusion computes nothing from the lookup tokens (no queries), so it
+  has no norm on them; no norm on a residual stream (pre-LN throughout, as ViT).
+* Dropout: attention dropout on each probability map (the gathering's, the infusion's), after the reused logits or
+  probabilities are taken, so both steps reuse the same clean attention; drop path at the block's rate (timm's linear
+  rule) on all five residual branches.
 * Projections: none shared between gathering and infusion beyond the reused logits (the paper keeps the attention,
   not the values); cross-attention widths and head count equal the ViT's (D, h).
 * The lookup stream has no self-attention, only the two cross-attentions and its MLP (self-attention over N tokens is
@@ -88,7 +92,8 @@ Differences from the paper, and why:
 * Dense maps (not in the paper): ``forward_intermediates`` / ``features_only`` / the OpenMMLab backbone return the
   lookup tokens of each requested block on the full grid (they are all kept). The dense configs use a fractional
   compressed size (0.36: 5x5 at 224, 12x12 at 512, 23x23 at 1024) so that the compression stays that of the paper's
-  main setting whatever the input size.
+  main setting whatever the input size; a fixed grid (the paper's "limited number of tokens") runs too, e.g. 5x5
+  for the 4096 lookup tokens of a 1024 input, wherever it fits in the lookup grid.
 """
 import logging
 import math
@@ -547,8 +552,11 @@ class LookupViT(TokenVisionTransformer):
         return _warm_start_from_vit(self, state_dict)
 
     def _filter_own(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A LookupViT state dict with its position embeddings resampled to this model's grids (a checkpoint does not
+        record its grids: embeddings of another token count are taken as square)."""
         out = dict(state_dict)
-        for key, grid in (("lookup_pos_embed", self.lookup_pos_grid), ("compressed_pos_embed", self.compressed_pos_grid)):
+        grids = (("lookup_pos_embed", self.lookup_pos_grid), ("compressed_pos_embed", self.compressed_pos_grid))
+        for key, grid in grids:
             if key in out and out[key].shape[1] != math.prod(grid):
                 out[key] = resample_abs_pos_embed(out[key], new_size=grid, old_size=_square_grid(out[key].shape[1]),
                                                   num_prefix_tokens=0)

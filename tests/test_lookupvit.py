@@ -317,8 +317,9 @@ def test_deit_warm_start_maps_what_it_says(deit_state_dicts, caplog) -> None:
     for i in (0, 11):
         b = f"blocks.{i}."
         same.update({b + k: b + k for k in ("norm1.weight", "attn.qkv.weight", "attn.proj.bias", "mlp.fc2.weight")})
-        same.update({b + "cross.proj.weight": b + "attn.proj.weight", b + "cross.proj_infuse.bias": b + "attn.proj.bias",
-                     b + "norm_gather.weight": b + "norm1.weight", b + "norm_lookup.bias": b + "norm1.bias",
+        same.update({b + "cross.proj.weight": b + "attn.proj.weight",
+                     b + "cross.proj_infuse.bias": b + "attn.proj.bias"})
+        same.update({b + "norm_gather.weight": b + "norm1.weight", b + "norm_lookup.bias": b + "norm1.bias",
                      b + "norm_infuse.weight": b + "norm1.weight", b + "norm_lookup_mlp.weight": b + "norm2.weight"})
         qkv, qkv_bias = deit[b + "attn.qkv.weight"], deit[b + "attn.qkv.bias"]
         torch.testing.assert_close(state[b + "cross.q.weight"], qkv[:dim])
