@@ -7,11 +7,12 @@ from typing import List
 
 import timm
 
-from . import evit, expedit, layers, mctf, sparsifiner, tome
+from . import evit, expedit, layers, lookupvit, mctf, sparsifiner, tome
 from .token_vit import TokenVisionTransformer
 
 __version__ = "0.1.0"
-__all__ = ["TokenVisionTransformer", "evit", "expedit", "layers", "list_models", "mctf", "sparsifiner", "tome"]
+__all__ = ["TokenVisionTransformer", "evit", "expedit", "layers", "list_models", "lookupvit", "mctf", "sparsifiner",
+           "tome"]
 
 
 def list_models(pattern: str = "") -> List[str]:

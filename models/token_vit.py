@@ -202,6 +202,13 @@ class TokenVisionTransformer(VisionTransformer):
         x = self._embed(x)
         return x, TokenRecord.start(x, self.num_prefix_tokens, grid, track_sources)
 
+    def _final_features(self, x: torch.Tensor, record: TokenRecord) -> torch.Tensor:
+        """``forward_features``' output from the last block's tokens and record: the final norm of the tokens.
+
+        A family whose record carries a second token stream (``record.side_tokens``) overrides this to include it.
+        """
+        return self.norm(x)
+
     def forward_features(
             self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
     ) -> torch.Tensor:
@@ -214,7 +221,7 @@ class TokenVisionTransformer(VisionTransformer):
         x, record = self._start(x, track_sources=False)
         for blk in self.blocks:
             x, record = self._run_block(blk, x, record)
-        return self.norm(x)
+        return self._final_features(x, record)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, attn_mask, is_causal))
@@ -285,13 +292,13 @@ class TokenVisionTransformer(VisionTransformer):
             if return_prefix_tokens and num_prefix:
                 result["image_intermediates_prefix"] = prefixes
             if not intermediates_only:
-                result["image_features"] = self.norm(x)
+                result["image_features"] = self._final_features(x, record)
             return result
         if return_prefix_tokens and num_prefix:
             maps = list(zip(maps, prefixes))
         if intermediates_only:
             return maps
-        return self.norm(x), maps
+        return self._final_features(x, record), maps
 
 
 def deit_weights_cfg(size: str, paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:

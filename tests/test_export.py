@@ -120,8 +120,8 @@ def test_torchscript_onnx_exporter_also_works(tmp_path, name):
     input size (the input's shape reaches the model as tensors) and matches PyTorch in onnxruntime."""
     import onnxruntime as ort
 
-    model = timm.create_model(name, img_size=64).eval()
-    x = torch.randn(1, 3, 64, 64)
+    model = timm.create_model(name, img_size=96).eval()
+    x = torch.randn(1, 3, 96, 96)
     path = tmp_path / f'{name}.onnx'
     with torch.no_grad():
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=['input'], opset_version=17)

@@ -32,7 +32,7 @@ def num_params(name: str) -> int:
 
 
 def test_every_family_registers() -> None:
-    for family in ("evit", "tome", "mctf", "mctf_fast", "expedit"):
+    for family in ("evit", "tome", "mctf", "mctf_fast", "expedit", "lookupvit"):
         assert {f"{family}_{size}" for size in ("tiny", "small", "base")} <= set(MODELS)
 
 
@@ -188,7 +188,8 @@ def test_timm_default_cfg_head_and_features_api(name: str) -> None:
     model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
     state_dict = model.state_dict()
-    assert f"{cfg['classifier']}.weight" in state_dict and f"{cfg['first_conv']}.weight" in state_dict
+    classifiers = [cfg["classifier"]] if isinstance(cfg["classifier"], str) else cfg["classifier"]
+    assert all(f"{name}.weight" in state_dict for name in classifiers) and f"{cfg['first_conv']}.weight" in state_dict
     size = cfg["input_size"][-1]
     x = torch.randn(2, *cfg["input_size"])
     with torch.no_grad():
@@ -204,10 +205,12 @@ def test_timm_default_cfg_head_and_features_api(name: str) -> None:
         assert [tuple(t.shape) for t in layers] == [(2, model.embed_dim, size // 16, size // 16)] * 2
         as_dict = model.forward_intermediates(x, indices=[1], output_dict=True, return_prefix_tokens=True)
         final, maps = model.forward_intermediates(x, indices=[1])
-    assert set(as_dict) == {"image_intermediates", "image_intermediates_prefix", "image_features"}
+    prefix = {"image_intermediates_prefix"} if model.num_prefix_tokens else set()  # as timm: only with prefix tokens
+    assert set(as_dict) == {"image_intermediates", "image_features"} | prefix
     torch.testing.assert_close(as_dict["image_intermediates"][0], maps[0], rtol=0, atol=0)
     torch.testing.assert_close(as_dict["image_features"], final, rtol=0, atol=0)
-    assert as_dict["image_intermediates_prefix"][0].shape == (2, model.num_prefix_tokens, model.embed_dim)
+    if prefix:
+        assert as_dict["image_intermediates_prefix"][0].shape == (2, model.num_prefix_tokens, model.embed_dim)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -215,34 +218,36 @@ def test_timm_keyword_arguments_are_accepted_or_refused_clearly(name: str) -> No
     model = timm.create_model(name, dynamic_img_size=True).eval()  # a no-op: the models take any size already
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 128)).shape == (1, 1000)
-        assert model.forward_features(torch.randn(1, 3, 64, 64), attn_mask=None).shape[-1] == model.embed_dim
+        assert model.forward_features(torch.randn(1, 3, 96, 96), attn_mask=None).shape[-1] == model.embed_dim
         with pytest.raises(ValueError, match="attn_mask and is_causal are not supported"):
-            model.forward_features(torch.randn(1, 3, 64, 64), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+            model.forward_features(torch.randn(1, 3, 96, 96), attn_mask=torch.ones(17, 17, dtype=torch.bool))
         with pytest.raises(ValueError, match="attn_mask and is_causal are not supported"):
-            model.forward_intermediates(torch.randn(1, 3, 64, 64), is_causal=True)
+            model.forward_intermediates(torch.randn(1, 3, 96, 96), is_causal=True)
     with pytest.raises(ValueError, match="dynamic_img_size=False is not supported"):
         timm.create_model(name, dynamic_img_size=False)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_reset_classifier_applies_the_constructor_pooling_rule(name: str) -> None:
-    cls = model_class(name)
-    model = timm.create_model(name)
-    try:
-        cls.check_pooling("avg", True, 0)
-    except ValueError:  # the family refuses average pooling at construction, so a head reset must refuse it too
-        with pytest.raises(ValueError, match="global_pool"):
-            timm.create_model(name, global_pool="avg")
-        with pytest.raises(ValueError, match="global_pool"):
-            model.reset_classifier(0, "avg")
-        assert model.global_pool == "token"
+    """A head reset accepts exactly the poolings the family's constructor accepts (``check_pooling``)."""
+    cls, model = model_class(name), timm.create_model(name)
+    for pool in ("avg", "token", "max"):
+        try:
+            cls.check_pooling(pool, model.has_class_token, model.num_reg_tokens)
+        except ValueError:
+            before = model.global_pool
+            with pytest.raises(ValueError, match="global_pool"):
+                model.reset_classifier(0, pool)
+            assert model.global_pool == before
+        else:
+            model.reset_classifier(0, pool)
     model.reset_classifier(0, "")  # no pooling (timm's prune_intermediate_layers does this) is always allowed
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_torch_jit_trace_matches_eager(name: str) -> None:
-    model = timm.create_model(name, img_size=64).eval()
-    x = torch.randn(2, 3, 64, 64)
+    model = timm.create_model(name, img_size=96).eval()
+    x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)

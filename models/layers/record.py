@@ -7,7 +7,9 @@ themselves, all of it fixed by the input's shape or followed step by step, never
 * ``grid``: the (H, W) patch grid of the input, for operators that work on the 2-D layout (clustering);
 * ``size``: how many input tokens each current token stands for (size-weighted merging, proportional attention);
 * ``sources`` and ``source_weights``: for each of the P positions of the patch grid, the current patch token(s) that
-  carry it.
+  carry it;
+* ``side_tokens``: the tokens of a second stream that runs beside the patch tokens from block to block (LookupViT's
+  compressed tokens); None for the single-stream families, whose blocks pass it on untouched.
 
 A position is carried by K tokens with weights: the map value at the position is the weighted sum of those tokens.
 A hard source (a kept, merged or fused token copied back to the position) is the case K = 1 with weight 1, and then
@@ -145,6 +147,9 @@ class TokenRecord(NamedTuple):
         size: (B, N, 1) input tokens each current token (prefix included) stands for; None means all ones.
         sources: (B, P, K) current patch-token indices per grid position (N_patch means none); None when not tracked.
         source_weights: (B, P, K) weights of ``sources``; None for hard sources (K = 1).
+        side_tokens: (B, M, C) tokens of a second stream beside the patch tokens (LookupViT's compressed tokens), or
+            None. They are state a block computes on, not bookkeeping, but they travel here so that every block keeps
+            the one ``(x, record) -> (x, record)`` signature and ``x`` stays the patch tokens.
     """
 
     num_prefix: int = 1
@@ -152,6 +157,7 @@ class TokenRecord(NamedTuple):
     size: Optional[torch.Tensor] = None
     sources: Optional[torch.Tensor] = None
     source_weights: Optional[torch.Tensor] = None
+    side_tokens: Optional[torch.Tensor] = None
 
     @classmethod
     def start(cls, x: torch.Tensor, num_prefix: int, grid: Tuple[int, int], track_sources: bool) -> "TokenRecord":
