@@ -8,11 +8,12 @@ from typing import List
 import timm
 
 from . import evit, expedit, layers, lookupvit, mctf, sparsifiner, tome
+from .accelerate import accelerate, accelerate_families
 from .token_vit import TokenVisionTransformer
 
 __version__ = "0.1.0"
-__all__ = ["TokenVisionTransformer", "evit", "expedit", "layers", "list_models", "lookupvit", "mctf", "sparsifiner",
-           "tome"]
+__all__ = ["TokenVisionTransformer", "accelerate", "accelerate_families", "evit", "expedit", "layers", "list_models",
+           "lookupvit", "mctf", "sparsifiner", "tome"]
 
 
 def list_models(pattern: str = "") -> List[str]:

@@ -19,6 +19,9 @@ Differences from the official code, and why:
 * The CLS attention row is computed beside fused SDPA instead of materializing the full attention matrix. It is the
   same row; with attention dropout in training the official code scores with the dropped-out matrix and this code with
   the clean row (DeiT trains with attention dropout 0, so the paper's setting is unaffected).
+* Any timm ViT (``tokenzoo.accelerate``): register tokens are kept like the CLS token and not scored; a model
+  without a CLS token is refused (EViT has no score without it); a head that pools over positions pools the final
+  tokens restored onto the grid (a dropped position counts as the fused token that carries it).
 * Dense maps (``forward_intermediates``, ``features_only``; not in the paper): kept tokens go back to their positions;
   a dropped position takes the fused token's value when there is one, since that token is what the network carries
   for it from then on; without a fused token nothing carries it, so it keeps the value it had in the last block output
@@ -89,10 +92,10 @@ class EViT(TokenVisionTransformer):
 
     @classmethod
     def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
-        if not class_token or global_pool not in ("token", ""):
-            raise ValueError(f"EViT scores tokens with the CLS token's attention and pools with it: class_token "
-                             f"must be True and global_pool 'token' (or '' for no pooling); got class_token="
-                             f"{class_token}, global_pool={global_pool!r}")
+        if not class_token:
+            raise ValueError("EViT scores tokens with the CLS token's attention: a model without a class token "
+                             "(class_token=False) has no score to keep tokens by; use ToMe or MCTF (tokenzoo."
+                             "accelerate(model, 'tome')), which match tokens by similarity and need no CLS token")
 
     def __init__(
             self,

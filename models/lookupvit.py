@@ -482,7 +482,12 @@ class LookupViT(TokenVisionTransformer):
         record = TokenRecord.start(lookup, 0, grid, track_sources)._replace(side_tokens=compressed)
         return lookup, record
 
-    def _final_features(self, x: torch.Tensor, record: TokenRecord) -> torch.Tensor:
+    @property
+    def pools_positions(self) -> bool:
+        return False  # every lookup token is kept: the heads average the streams as they are (``forward_head``)
+
+    def _final_features(self, x: torch.Tensor, record: TokenRecord,
+                        last_carried: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Both streams normed, compressed tokens first: (B, M + N, D)."""
         return torch.cat([self.compressed_norm(record.side_tokens), self.norm(x)], dim=1)
 

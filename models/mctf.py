@@ -42,6 +42,8 @@ Differences from the official code, and why:
   again (``layers.fusion``); same result, O(chunk * N) memory instead of O(N^2) (400 MB per block at 4096 tokens).
 * A float r is a fraction of the patch tokens of the block, for inputs of any size; ``merge_window`` offers ToMe for
   Stable Diffusion's windowed split at the first fusing block (not in the paper; for dense inputs).
+* Any timm ViT (``tokenzoo.accelerate``): as in ToMe, the CLS token (if any) is protected in the matching, register
+  tokens are held out of it (never fused), and a head that pools over positions pools the restored grid (size-weighted).
 * DeiT-B uses the DeiT-S/T setting (r = 16): the official code ships no DeiT-B schedule.
 * Dense maps (not in the paper): a fused token is copied back to every position it stands for.
 """
@@ -57,10 +59,9 @@ from timm.models.vision_transformer import Block
 from .layers import (RSchedule, TokenAttention, TokenRecord, TokenSplit, bipartite_soft_matching, check_merge_window,
                      merge_sum, merge_weighted_average, multi_criteria_scores, num_b_tokens, one_step_ahead_attention,
                      one_step_ahead_attention_fused, received_attention, received_attention_chunked,
-                     reduction_schedule, size_bias, tokens_to_reduce)
+                     reduction_schedule, size_bias, tokens_to_reduce, with_registers, without_registers)
 from .layers.schedule import Amount
-from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg,
-                        set_merge_schedule)
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg, set_merge_schedule
 
 __all__ = ["MCTF", "MCTFBlock", "consistency_training_loss"]
 
@@ -98,10 +99,13 @@ class MCTFBlock(Block):
         """Fusions this block makes: r (or the fraction r of the patch tokens), leaving at least 10 tokens, at most
         the set-A patch tokens (half of them for the alternating split, as the official code) and, with the
         bidirectional matching, at most twice the set-B tokens (half the fusions go B to A)."""
-        num_b = num_b_tokens(num_patch_tokens + 1, grid, self.merge_window)
-        cap = num_patch_tokens - num_b
-        if self.bidirectional:
-            cap = min(cap, 2 * num_b)
+        if self.merge_window is None:
+            cap = num_patch_tokens // 2
+        else:
+            num_b = num_b_tokens(num_patch_tokens, grid, self.merge_window)
+            cap = num_patch_tokens - num_b
+            if self.bidirectional:
+                cap = min(cap, 2 * num_b)
         r = min(tokens_to_reduce(self.r, num_patch_tokens), num_patch_tokens + 1 - MIN_TOKENS)
         return max(0, min(r, cap))
 
@@ -109,9 +113,10 @@ class MCTFBlock(Block):
         return num_patch_tokens - self.num_merges(num_patch_tokens, grid)
 
     def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
-        """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
+        """Tokens (B, prefix + N, C) -> (B, prefix + N - r, C), and the record followed through the block."""
         B, num_tokens, _ = x.shape
-        r = self.num_merges(num_tokens - 1, record.grid)
+        num_prefix, num_registers = record.num_prefix, record.num_registers
+        r = self.num_merges(num_tokens - num_prefix, record.grid)
         attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
         if r == 0:
             if attn_bias is None:
@@ -129,10 +134,15 @@ class MCTFBlock(Block):
         else:
             attn = None
             received = received_attention_chunked(q, k, self.attn.scale, attn_bias, self.attn_chunk_size)
-        split = TokenSplit.of(record.grid, self.merge_window, 1, x.device)
-        scores = multi_criteria_scores(x, received, record.size, *self.taus, num_protected=1, split=split)
+        num_cls = num_prefix - num_registers  # protected in the matching, as the official code; registers aside
+        split = TokenSplit.of(record.grid, self.merge_window, num_cls, x.device)
+        size_in = None if record.size is None else without_registers(record.size, num_prefix, num_registers)
+        scores = multi_criteria_scores(without_registers(x, num_prefix, num_registers),
+                                       without_registers(received, num_prefix, num_registers), size_in, *self.taus,
+                                       num_protected=num_cls, split=split)
         r_reverse = r - r // 2 if self.bidirectional else 0
         destination = bipartite_soft_matching(scores, r - r_reverse, r_reverse, split, self.order_by_score)
+        destination = with_registers(destination, num_prefix, num_registers)
         num_new = num_tokens - r
         size = record.size if record.size is not None else x.new_ones(B, num_tokens, 1)
         with torch.no_grad():  # fusion weights, as in the official code: attention received x size
@@ -156,10 +166,6 @@ class MCTF(TokenVisionTransformer):
     """Vision Transformer with MCTF token fusion at ``reduction_loc``; see the module docstring."""
 
     zero_reduction = dict(r=0)
-
-    @classmethod
-    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
-        check_one_cls_token("MCTF", global_pool, class_token, reg_tokens)
 
     def __init__(
             self,

@@ -116,15 +116,25 @@ def validate_model_name(name: str) -> str:
     """Check that a timm model name (optionally with a ``.tag``) is registered, without building the model.
 
     Args:
-        name: A timm model name such as ``deit_small_patch16_224`` or ``evit_small.deit_in1k``.
+        name: A timm model name such as ``deit_small_patch16_224`` or ``evit_small.deit_in1k``, or
+            ``FAMILY@NAME`` for a parameter-free family applied to a timm ViT (``tokenzoo.accelerate``), e.g.
+            ``tome@vit_base_patch16_clip_224``.
 
     Returns:
         The name unchanged.
 
     Raises:
-        ValueError: If the architecture is not registered with timm (close matches are listed) or the pretrained
-            tag does not exist for it.
+        ValueError: If the architecture is not registered with timm (close matches are listed), the pretrained
+            tag does not exist for it, or the family is unknown.
     """
+    family, _, base = name.rpartition('@')
+    if family:
+        from tokenzoo.accelerate import accelerate_families  # the package's own module; no import cycle at load
+
+        if family not in accelerate_families():
+            raise ValueError(f"unknown family {family!r} in {name!r}: FAMILY@NAME takes {accelerate_families()}")
+        validate_model_name(base)
+        return name
     if not timm.is_model(name):
         arch = name.split('.', 1)[0]
         # prefix matches catch shorthands such as 'deit_small' that difflib ranks below unrelated names
@@ -188,7 +198,9 @@ def build_model(
     """Build a timm model for measurement, in eval mode, with random weights unless a checkpoint is given.
 
     Args:
-        name: A timm model name (``import tokenzoo`` has registered the tokenzoo families).
+        name: A timm model name (``import tokenzoo`` has registered the tokenzoo families), or ``FAMILY@NAME``: the
+            timm model ``NAME`` (with ``img_size`` and ``checkpoint``) accelerated by a parameter-free family, which
+            then takes ``**kwargs`` (``tokenzoo.accelerate``).
         img_size: Input size; passed to the model only when it differs from the model's default, so models that
             take no ``img_size`` argument still build at their default size.
         checkpoint: A local weight file, loaded through timm's pretrained mechanism
@@ -205,6 +217,12 @@ def build_model(
     validate_model_name(name)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist or is not a file")
+    family, _, base = name.rpartition('@')
+    if family:  # the timm model with its weights, then the family (with the keyword arguments) applied to it
+        from tokenzoo.accelerate import accelerate
+
+        model = accelerate(build_model(base, img_size=img_size, checkpoint=checkpoint), family, **kwargs)
+        return model.eval()
     if img_size is not None:
         img_size = to_img_size(img_size)
         if img_size != _default_img_size(name):

@@ -19,7 +19,7 @@ A block used with this class implements::
     forward(x: Tensor, record: TokenRecord) -> Tuple[Tensor, TokenRecord]
     num_patch_tokens_out(num_patch_tokens: int, grid: Tuple[int, int]) -> int   # grid: the input's patch grid
 """
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -200,14 +200,41 @@ class TokenVisionTransformer(VisionTransformer):
         """Embedded tokens of images x and their record (grid and prefix count; sources if ``track_sources``)."""
         grid = self.grid_size(tuple(x.shape[-2:]))
         x = self._embed(x)
-        return x, TokenRecord.start(x, self.num_prefix_tokens, grid, track_sources)
+        return x, TokenRecord.start(x, self.num_prefix_tokens, grid, track_sources, self.num_reg_tokens)
 
-    def _final_features(self, x: torch.Tensor, record: TokenRecord) -> torch.Tensor:
-        """``forward_features``' output from the last block's tokens and record: the final norm of the tokens.
+    @property
+    def pools_positions(self) -> bool:
+        """Whether the head pools over patch positions (average, max, attention pooling) instead of taking the CLS
+        token. Then ``forward_features`` returns the final tokens restored onto the full patch grid, so the pooling
+        sees every position as the base model does: a merged token counts as many times as it has parts (the
+        size-weighted average ToMe uses for MAE models), a reconstructed position as its reconstruction."""
+        return self.global_pool not in ("token", "")
+
+    def _final_features(self, x: torch.Tensor, record: TokenRecord,
+                        last_carried: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward_features``' output from the last block's tokens and record: the final norm of the tokens, on the
+        full grid when the head pools over positions (``pools_positions``; ``last_carried`` then gives positions no
+        token carries their last value).
 
         A family whose record carries a second token stream (``record.side_tokens``) overrides this to include it.
         """
+        if self.pools_positions:
+            x = torch.cat([x[:, :record.num_prefix], record.restore(x, previous=last_carried)], dim=1)
         return self.norm(x)
+
+    def _blocks(
+            self, x: torch.Tensor, record: TokenRecord, blocks: Sequence[torch.nn.Module],
+    ) -> Iterator[Tuple[torch.Tensor, TokenRecord, Optional[torch.Tensor]]]:
+        """Run ``blocks``, yielding after each its tokens, record and, when sources are tracked, the map of what
+        positions no current token carries hold: the value they had in the input of the block that dropped them
+        (restored, cheaply, only at the blocks that reduce)."""
+        last_carried = None
+        for blk in blocks:
+            x_in, record_in = x, record
+            x, record = self._run_block(blk, x, record)
+            if record.sources is not record_in.sources:
+                last_carried = record_in.restore(x_in, previous=last_carried)
+            yield x, record, last_carried
 
     def forward_features(
             self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
@@ -218,10 +245,11 @@ class TokenVisionTransformer(VisionTransformer):
         block, so no fixed mask can follow it and only their defaults are accepted.
         """
         _check_no_attn_mask(attn_mask, is_causal)
-        x, record = self._start(x, track_sources=False)
-        for blk in self.blocks:
-            x, record = self._run_block(blk, x, record)
-        return self._final_features(x, record)
+        x, record = self._start(x, track_sources=self.pools_positions)
+        last_carried = None
+        for x, record, last_carried in self._blocks(x, record, self.blocks):
+            pass
+        return self._final_features(x, record, last_carried)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, attn_mask, is_causal))
@@ -270,16 +298,10 @@ class TokenVisionTransformer(VisionTransformer):
         num_prefix = self.num_prefix_tokens
 
         x, record = self._start(x, track_sources=True)
-        # Positions no current token carries keep the value they had in the input of the block that dropped them,
-        # so that input is restored (cheap: hard sources) only at the blocks that reduce.
         last_carried = None
         maps, prefixes = [], []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        for i, blk in enumerate(blocks):
-            x_in, record_in = x, record
-            x, record = self._run_block(blk, x, record)
-            if record.sources is not record_in.sources:
-                last_carried = record_in.restore(x_in, previous=last_carried)
+        for i, (x, record, last_carried) in enumerate(self._blocks(x, record, blocks)):
             if i in take_indices:
                 grid = record.restore(x, previous=last_carried)
                 maps.append(self.norm(grid) if norm else grid)
@@ -292,13 +314,13 @@ class TokenVisionTransformer(VisionTransformer):
             if return_prefix_tokens and num_prefix:
                 result["image_intermediates_prefix"] = prefixes
             if not intermediates_only:
-                result["image_features"] = self._final_features(x, record)
+                result["image_features"] = self._final_features(x, record, last_carried)
             return result
         if return_prefix_tokens and num_prefix:
             maps = list(zip(maps, prefixes))
         if intermediates_only:
             return maps
-        return self._final_features(x, record), maps
+        return self._final_features(x, record, last_carried), maps
 
 
 def deit_weights_cfg(size: str, paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:

@@ -22,6 +22,10 @@ Differences from the official code, and why:
   product (``scatter_free=True``) for runtimes without scatter; the official ``scatter_reduce`` is not used (its
   'mean' mode exports to ONNX with wrong results).
 * Dense maps (not in the paper): a merged token is copied back to every position it stands for (ToMe's "unmerge").
+* Any timm ViT (``tokenzoo.accelerate``): the CLS token, when there is one, is protected in the matching as in the
+  official code (first token of set A); register tokens are held out of the matching (never merged) and stay in
+  front; a head that pools over positions pools the final tokens restored onto the grid, which is the size-weighted
+  average the official code uses for MAE models (without per-forward state to carry the sizes).
 """
 from functools import partial
 from typing import Optional, Sequence, Tuple
@@ -32,10 +36,9 @@ from timm.models.vision_transformer import Block
 
 from .layers import (RSchedule, TokenAttention, TokenRecord, TokenSplit, bipartite_soft_matching, check_merge_window,
                      cosine_scores, merge_weighted_average, num_b_tokens, reduction_schedule, size_bias,
-                     tokens_to_reduce)
+                     tokens_to_reduce, with_registers, without_registers)
 from .layers.schedule import Amount
-from .token_vit import (TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg,
-                        set_merge_schedule)
+from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg, set_merge_schedule
 
 __all__ = ["ToMe", "ToMeBlock"]
 
@@ -52,18 +55,21 @@ class ToMeBlock(Block):
         self.merge_window: Optional[int] = None  # windowed split (first merging block only); set by ToMe.set_r
 
     def num_merges(self, num_patch_tokens: int, grid: Optional[Tuple[int, int]]) -> int:
-        """Merges this block makes: r (or the fraction r of the patch tokens), capped at the number of set-A patch
-        tokens: half the patch tokens for the alternating split (the official cap), 1 - 1/s^2 for the windowed one."""
-        num_b = num_b_tokens(num_patch_tokens + 1, grid, self.merge_window)
-        return min(tokens_to_reduce(self.r, num_patch_tokens), num_patch_tokens - num_b)
+        """Merges this block makes: r (or the fraction r of the patch tokens), capped at half the patch tokens for the
+        alternating split (the official cap), at the set-A patch tokens (1 - 1/s^2) for the windowed one."""
+        if self.merge_window is None:
+            cap = num_patch_tokens // 2
+        else:
+            cap = num_patch_tokens - num_b_tokens(num_patch_tokens, grid, self.merge_window)
+        return min(tokens_to_reduce(self.r, num_patch_tokens), cap)
 
     def num_patch_tokens_out(self, num_patch_tokens: int, grid: Tuple[int, int]) -> int:
         return num_patch_tokens - self.num_merges(num_patch_tokens, grid)
 
     def forward(self, x: torch.Tensor, record: TokenRecord = TokenRecord()) -> Tuple[torch.Tensor, TokenRecord]:
-        """Tokens (B, 1 + N, C), CLS first -> (B, 1 + N - r, C), and the record followed through the block."""
-        num_tokens = x.shape[1]
-        r = self.num_merges(num_tokens - 1, record.grid)
+        """Tokens (B, prefix + N, C) -> (B, prefix + N - r, C), and the record followed through the block."""
+        num_tokens, num_prefix, num_registers = x.shape[1], record.num_prefix, record.num_registers
+        r = self.num_merges(num_tokens - num_prefix, record.grid)
         attn_bias = size_bias(record.size) if self.prop_attn and record.size is not None else None
         if r == 0 and attn_bias is None:
             return super().forward(x), record
@@ -71,8 +77,10 @@ class ToMeBlock(Block):
         attn_out, metric = self.attn.forward_with_keys(self.norm1(x), attn_bias)
         x = x + self.drop_path1(self.ls1(attn_out))
         if r > 0:
-            split = TokenSplit.of(record.grid, self.merge_window, 1, x.device)
-            destination = bipartite_soft_matching(cosine_scores(metric, num_protected=1, split=split), r, 0, split)
+            num_cls = num_prefix - num_registers  # protected in the matching, as the official code; registers aside
+            split = TokenSplit.of(record.grid, self.merge_window, num_cls, x.device)
+            scores = cosine_scores(without_registers(metric, num_prefix, num_registers), num_cls, split)
+            destination = with_registers(bipartite_soft_matching(scores, r, 0, split), num_prefix, num_registers)
             size = record.size if record.size is not None else x.new_ones(x.shape[0], num_tokens, 1)
             x, size = merge_weighted_average(x, size, destination, num_tokens - r, self.scatter_free)
             record = record._replace(size=size).follow_all_tokens(destination, num_tokens - r)
@@ -84,10 +92,6 @@ class ToMe(TokenVisionTransformer):
     """Vision Transformer with ToMe token merging; see the module docstring."""
 
     zero_reduction = dict(r=0)
-
-    @classmethod
-    def check_pooling(cls, global_pool: str, class_token: bool, reg_tokens: int) -> None:
-        check_one_cls_token("ToMe", global_pool, class_token, reg_tokens)
 
     def __init__(
             self,

@@ -99,7 +99,7 @@ def test_training_with_the_schedule_lowers_the_loss() -> None:
     (dict(keep_rate="0.7"), r"keep_rate must be a number in \(0, 1\]"),
     (dict(reduction_loc=(3, 12)), r"reduction_loc must be a sequence of block indices in \[0, 11\]"),
     (dict(reduction_loc=(-1,)), r"reduction_loc must be a sequence of block indices in \[0, 11\]"),
-    (dict(class_token=False, global_pool="avg"), "class_token must be True"),
+    (dict(class_token=False, global_pool="avg"), "EViT scores tokens with the CLS token"),
     (dict(patch_drop_rate=0.1), "patch_drop_rate must be 0"),
 ])
 def test_bad_settings_are_rejected(kwargs, message) -> None:

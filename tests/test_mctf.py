@@ -84,7 +84,6 @@ def test_consistency_training_lowers_the_loss() -> None:
     (dict(tau_info=-1.0), "tau_info must be a number >= 0"),
     (dict(tau_sim="1"), "tau_sim must be a number >= 0"),
     (dict(reduction_loc=(12,)), r"reduction_loc must be a sequence of block indices in \[0, 11\]"),
-    (dict(class_token=False, global_pool="avg"), "exactly one CLS token"),
 ])
 def test_bad_settings_are_rejected(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):

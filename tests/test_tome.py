@@ -62,7 +62,6 @@ def test_dense_map_copies_each_merged_token_to_all_its_positions() -> None:
     (dict(r="13"), "r must be"),
     (dict(r=(13, 3.0)), "a tuple r must be"),
     (dict(r=[1] * 13), "a per-block r list"),
-    (dict(reg_tokens=2), "exactly one CLS token"),
 ])
 def test_bad_settings_are_rejected(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):

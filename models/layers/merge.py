@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 __all__ = ["TokenSplit", "argsort_descending", "bipartite_soft_matching", "cosine_scores", "merge_sum",
-           "merge_weighted_average", "num_b_tokens", "protect_rows"]
+           "merge_weighted_average", "num_b_tokens", "protect_rows", "with_registers", "without_registers"]
 
 
 class TokenSplit(NamedTuple):
@@ -95,6 +95,29 @@ def _check_window(grid: Optional[Tuple[int, int]], window: int) -> Tuple[int, in
         raise ValueError(f"merge window {window} is not allowed for a {height}x{width} patch grid: it must be an int "
                          f"in [1, {min(height, width)}] (2 in ToMe for Stable Diffusion)")
     return height, width
+
+
+def without_registers(tokens: torch.Tensor, num_prefix: int, num_registers: int) -> torch.Tensor:
+    """(B, N, ...) -> (B, N - num_registers, ...): the tokens a matching runs on, register tokens held aside.
+
+    timm orders the prefix as [CLS, registers]; the CLS token stays in the matching (protected, as the official ToMe
+    and MCTF protect it: first in set A), register tokens are never matched, merged or fused.
+    """
+    if not num_registers:
+        return tokens
+    num_cls = num_prefix - num_registers
+    return torch.cat([tokens[:, :num_cls], tokens[:, num_prefix:]], dim=1)
+
+
+def with_registers(destination: torch.Tensor, num_prefix: int, num_registers: int) -> torch.Tensor:
+    """A matching's destination over the tokens ``without_registers`` kept -> a destination over all tokens in which
+    each register token stays where it is, right after the CLS token (B, N - R) -> (B, N)."""
+    if not num_registers:
+        return destination
+    num_cls = num_prefix - num_registers
+    shifted = destination + num_registers * (destination >= num_cls).long()
+    registers = num_cls + torch.arange(num_registers, device=destination.device).expand(destination.shape[0], -1)
+    return torch.cat([shifted[:, :num_cls], registers, shifted[:, num_cls:]], dim=1)
 
 
 def cosine_scores(metric: torch.Tensor, num_protected: int = 1, split: TokenSplit = TokenSplit()) -> torch.Tensor:

@@ -4,6 +4,8 @@
 themselves, all of it fixed by the input's shape or followed step by step, never kept in mutable state:
 
 * ``num_prefix``: how many leading tokens (CLS, registers) are not patch tokens; every family protects them;
+  ``num_registers`` of them are register tokens (after the CLS token, as timm orders them), which merging families
+  hold aside from their matching;
 * ``grid``: the (H, W) patch grid of the input, for operators that work on the 2-D layout (clustering);
 * ``size``: how many input tokens each current token stands for (size-weighted merging, proportional attention);
 * ``sources`` and ``source_weights``: for each of the P positions of the patch grid, the current patch token(s) that
@@ -143,6 +145,7 @@ class TokenRecord(NamedTuple):
 
     Attributes:
         num_prefix: Leading non-patch tokens (CLS, registers), never reduced.
+        num_registers: How many of them are register tokens (the rest, 0 or 1, is the CLS token).
         grid: (H, W) patch grid of the input; None only for blocks called on their own.
         size: (B, N, 1) input tokens each current token (prefix included) stands for; None means all ones.
         sources: (B, P, K) current patch-token indices per grid position (N_patch means none); None when not tracked.
@@ -153,6 +156,7 @@ class TokenRecord(NamedTuple):
     """
 
     num_prefix: int = 1
+    num_registers: int = 0
     grid: Optional[Tuple[int, int]] = None
     size: Optional[torch.Tensor] = None
     sources: Optional[torch.Tensor] = None
@@ -160,10 +164,11 @@ class TokenRecord(NamedTuple):
     side_tokens: Optional[torch.Tensor] = None
 
     @classmethod
-    def start(cls, x: torch.Tensor, num_prefix: int, grid: Tuple[int, int], track_sources: bool) -> "TokenRecord":
+    def start(cls, x: torch.Tensor, num_prefix: int, grid: Tuple[int, int], track_sources: bool,
+              num_registers: int = 0) -> "TokenRecord":
         """The record of freshly embedded tokens x (B, num_prefix + H * W, C); sources only if ``track_sources``."""
         sources = identity_sources(x.shape[0], grid[0] * grid[1], x.device) if track_sources else None
-        return cls(num_prefix=num_prefix, grid=tuple(grid), sources=sources)
+        return cls(num_prefix=num_prefix, num_registers=num_registers, grid=tuple(grid), sources=sources)
 
     def follow(
             self, destination: torch.Tensor, num_new: int, destination_weights: Optional[torch.Tensor] = None,

@@ -97,6 +97,8 @@ class TokenZooViT(BaseModule):
             drop_path_rate: float = 0.0,
             final_norm: bool = False,
             with_cp: bool = False,
+            family: Optional[str] = None,
+            family_kwargs: Optional[Dict[str, Any]] = None,
             init_cfg: Optional[Any] = None,
     ) -> None:
         """
@@ -109,6 +111,9 @@ class TokenZooViT(BaseModule):
             drop_path_rate: Stochastic depth rate of the last block (timm's linear rule).
             final_norm: Apply the model's final norm to every returned map (off like ViTDet: the necks normalize).
             with_cp: Gradient checkpointing of the blocks (saves memory at 1024x1024).
+            family: Apply a parameter-free tokenzoo family to a timm ViT ``model_name`` (``tokenzoo.accelerate``):
+                'evit', 'tome', 'mctf', 'mctf_fast' or 'expedit'; None uses ``model_name`` as it is.
+            family_kwargs: The family's settings (e.g. ``dict(r=0.35, reduction_loc=(3, 6, 9))``).
             init_cfg: mmengine init config; ``dict(type="Pretrained", checkpoint=..., prefix=...)`` loads a timm/DeiT
                 state dict, or a Runner checkpoint's backbone with ``prefix="backbone."``.
 
@@ -121,6 +126,11 @@ class TokenZooViT(BaseModule):
         pretrained = _pretrained_checkpoint(init_cfg)
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a dict, got {model_kwargs!r}")
+        if family is not None and family not in tokenzoo.accelerate_families():
+            raise ValueError(f"unknown family {family!r}: allowed are {tokenzoo.accelerate_families()} (or None)")
+        if family_kwargs is not None and (family is None or not isinstance(family_kwargs, dict)):
+            raise ValueError(f"family_kwargs must be a dict and needs a family, got family={family!r}, "
+                             f"family_kwargs={family_kwargs!r}")
         if isinstance(out_indices, int) or not out_indices or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
             raise ValueError(f"out_indices must be a non-empty sequence of block indices, got {out_indices!r}")
@@ -142,6 +152,8 @@ class TokenZooViT(BaseModule):
             self.vit = timm.create_model(model_name, num_classes=0, **kwargs)
         except TypeError as e:  # an unexpected keyword reaches the model constructor as a TypeError
             raise ValueError(f"backbone {model_name!r} does not accept model_kwargs {sorted(kwargs)}: {e}") from e
+        if family is not None:
+            self.vit = tokenzoo.accelerate(self.vit, family, **(family_kwargs or {}))
         if not (hasattr(self.vit, "forward_intermediates") and hasattr(self.vit, "blocks")):
             raise ValueError(f"backbone {model_name!r} is not a ViT-style timm model (needs blocks and "
                              f"forward_intermediates)")
