@@ -177,6 +177,26 @@ def test_evit_warm_up_gives_the_documented_keep_rates(squares: Path, tmp_path: P
     assert logged[6] == pytest.approx(0.75) and [logged[s] for s in range(8, 12)] == [0.5] * 4
 
 
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes(squares: Path, tmp_path: Path) -> None:
+    """DistributedDataParallel on the CPU (Gloo), with the recipe that calls more than forward (MCTF's two passes)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = ["--data-dir", str(squares), "--output", str(out), "--model", "mctf_tiny", "--recipe", "mctf",
+            "--model-kwargs", json.dumps(dict(TINY, r=2)), "--mctf-r-teacher-max", "2", "--epochs", "2",
+            "--batch-size", "4", "--lr", "2e-3", "--warmup-epochs", "0", "--workers", "0", "--threads", "1",
+            "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-progress", "--log-interval", "1"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    str(TOOLS / "train_cls.py"), *args], check=True, capture_output=True, cwd=ROOT)
+    start = read_log(out)[0]
+    assert start["world_size"] == 2 and start["steps_per_epoch"] == 4  # 32 images / 2 ranks / batch 4
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    epochs = [e for e in read_log(out) if e["event"] == "epoch"]
+    assert len(epochs) == 2 and all(e["top1"] * 12 / 100 == round(e["top1"] * 12 / 100) for e in epochs)
+
+
 # ---------------------------------------------------------------------------------------------------------- resume
 def test_resume_continues_exactly(squares: Path, tmp_path: Path) -> None:
     # randomness everywhere a resume could lose it: augmentation, mixup, drop path, warm-up, EMA, AdamW state
@@ -290,7 +310,8 @@ def test_digits_folder_is_the_documented_split(digits: Path) -> None:
             files = sorted((digits / split / str(digit)).glob("*.png"))
             assert len(files) == meta["counts"][split][str(digit)]
             assert all(data.target[int(f.stem)] == digit for f in files)  # file name = index, folder = label
-    image = np.asarray(Image.open(digits / "val" / "0" / f"{meta['val_indices'][0]:04d}.png"))
+    first = meta["val_indices"][0]
+    image = np.asarray(Image.open(digits / "val" / str(data.target[first]) / f"{first:04d}.png"))
     assert image.shape == (56, 56) and image.dtype == np.uint8
     with pytest.raises(FileExistsError, match="not empty"):
         write_digits(digits)
@@ -313,6 +334,32 @@ def test_reference_weights_load_into_every_parameter_free_family(digits: Path) -
     loader = build_eval_loader(load_split(digits / "val", run["data_config"], is_training=False),
                                batch_size=run["settings"]["batch_size"])  # the batches the trainer validated
     assert evaluate(base, loader)["top1"] == pytest.approx(run["final"]["top1"], abs=1e-9)
+
+
+def test_tradeoff_measures_renders_and_plots(squares: Path, tmp_path: Path) -> None:
+    from tokenzoo.classification.tradeoff import plot_tradeoff, run_tradeoff
+
+    weights = tmp_path / "reference.pth"  # the reference shape with random weights: the pipeline, not the numbers
+    torch.save(timm.create_model(REFERENCE_MODEL, **REFERENCE_KWARGS).state_dict(), weights)
+    data = tmp_path / "data"
+    write_squares(data, dict(val=2), size=56)
+    run = run_tradeoff(data, weights, families=["tome", "expedit"], values=dict(tome=[4, 13], expedit=[0.7]),
+                       onnx=False, warmup=1, iters=2, cost_batch_size=2, cost_rounds=1, progress=lambda msg: None)
+    base, points = run["base"], run["points"]
+    assert base["family"] == "deit" and base["tokens_per_block"] == [196] * 12 and base["top1_drop"] == 0
+    assert [(p["family"], p["value"], p["paper_default"]) for p in points] == [
+        ("tome", 4, False), ("tome", 13, True), ("expedit", 0.7, True)]
+    tome13 = points[1]
+    assert tome13["tokens_per_block"][-1] == 196 - 12 * 13 and tome13["ratios"]["gmacs"] < 0.6
+    assert tome13["gmacs"] == pytest.approx(tome13["ratios"]["gmacs"] * base["gmacs"])
+    assert all(0 <= p["top1"] <= 100 and p["top1_drop"] == base["top1"] - p["top1"] for p in points)
+    assert set(run["training_cost"]["models"]) == {"deit", "tome", "expedit"}
+    assert run["training_cost"]["models"]["deit"]["train_ratio"] == 1.0
+    lines = tradeoff_section(run)
+    assert sum(line.startswith("| tome | `r=") for line in lines) == 2 and "`r=13` (paper)" in "\n".join(lines)
+    assert plot_tradeoff(run, tmp_path / "plot.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="unknown families"):
+        run_tradeoff(data, weights, families=["vit"])
 
 
 def test_committed_tradeoff_renders() -> None:

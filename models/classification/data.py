@@ -62,7 +62,7 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ValueError("writing the digits needs scikit-learn (its wheel ships the data): pip install -e '.[data]'"
+        raise ValueError("writing the digits needs scikit-learn (its wheel ships the data): pip install -e '.[cls]'"
                          ) from e
     digits = load_digits()
     return digits.images, digits.target
@@ -115,7 +115,8 @@ def write_digits(
             counts[split][label] = counts[split].get(label, 0) + 1
     meta = dict(dataset="scikit-learn digits", source="sklearn.datasets.load_digits", num_images=len(labels),
                 original_size=[8, 8], img_size=img_size, resize="bilinear", val_fraction=val_fraction, seed=seed,
-                split="stratified per class, seeded permutation", counts=counts,
+                split="stratified per class, seeded permutation",
+                counts={split: dict(sorted(per_class.items())) for split, per_class in counts.items()},
                 val_indices=[int(i) for i in val])
     (out / "digits.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta

@@ -612,8 +612,7 @@ class Trainer:
         self.recipe.for_eval(self.model)
         distributed = self.world_size > 1
         metrics = evaluate(self.model, self.val_loader, self.device, c.amp, distributed)
-        out = {key: metrics[key] for key in ("top1", "top5", "loss")}
-        out = {f"val_{key}" if key == "loss" else key: value for key, value in out.items()}
+        out = dict(top1=metrics["top1"], top5=metrics["top5"], val_loss=metrics["loss"])
         if self.ema is not None:
             self.recipe.for_eval(self.ema.module)
             ema = evaluate(self.ema.module, self.val_loader, self.device, c.amp, distributed)

@@ -97,7 +97,7 @@ def measure_point(
         from tokenzoo.export.onnx_export import PARITY_TOL, check_parity, export_onnx
 
         step("ONNX export, parity, onnxruntime latency (batch 1)")
-        path = export_onnx(model, onnx_dir / f"point_{len(list(onnx_dir.iterdir()))}.onnx", img_size=img_size)
+        path = export_onnx(model, onnx_dir / "point.onnx", img_size=img_size, force=True)
         diffs = check_parity(model, path, batch_sizes=(1, 3), img_size=img_size)
         result["onnx"] = dict(parity_max_abs_diff={str(b): d for b, d in diffs.items()},
                               parity_ok=max(diffs.values()) <= PARITY_TOL,
@@ -126,6 +126,7 @@ def run_tradeoff(
         data_dir: PathLike,
         checkpoint: PathLike,
         families: Sequence[str] = tuple(SWEEPS),
+        values: Optional[Dict[str, Sequence[Any]]] = None,
         finetuned: Sequence[PathLike] = (),
         onnx: bool = True,
         warmup: int = 10,
@@ -136,6 +137,18 @@ def run_tradeoff(
         progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> Dict[str, Any]:
     """Measure the base, each family's sweep, the fine-tuned variants and the training cost; returns the run.
+
+    Args:
+        data_dir: The digits ImageFolder.
+        checkpoint: The reference weights.
+        families: Families to sweep (keys of ``SWEEPS``).
+        values: Knob values per family instead of the sweep's (the paper default is marked wherever it is swept).
+        finetuned: ``tools/train_cls.py`` output folders to measure beside the sweeps.
+        onnx: Export each model and time it on onnxruntime.
+        warmup, iters: Untimed and timed runs of each latency.
+        cost_batch_size, cost_rounds: Batch and rounds of ``training_cost``.
+        split: The split evaluated.
+        progress: Where progress messages go.
 
     Call with ``torch.set_num_threads(1)`` for the edge protocol (the command line does).
 
@@ -162,7 +175,7 @@ def run_tradeoff(
         lambda: build(REFERENCE_MODEL, checkpoint))]
     for family in families:
         sweep = SWEEPS[family]
-        for value in sweep.values:
+        for value in (values or {}).get(family, sweep.values):
             meta = dict(family=family, label=f"{sweep.knob}={value}", model=sweep.model, kwargs={sweep.knob: value},
                         knob=sweep.knob, value=value, paper_default=value == sweep.default, training=None)
             plan.append((meta, lambda s=sweep, v=value: build(s.model, checkpoint, **{s.knob: v})))
