@@ -2,7 +2,7 @@
 
     python tools/eval_cls.py evit_small --checkpoint deit_small_patch16_224-cd65a155.pth --data-dir /data/imagenet
     python tools/eval_cls.py evit_tiny --checkpoint tools/results/digits/reference.pth --data-dir data/digits \
-        --model-kwargs img_size=56 patch_size=4 embed_dim=96 depth=12 num_heads=3 --crop-pct 1
+        --model-kwargs img_size=56 patch_size=4 embed_dim=96 depth=12 num_heads=3 init_values=1e-4 --crop-pct 1
     python tools/eval_cls.py evit_tiny_digits.onnx --data-dir data/digits --crop-pct 1 --interpolation bilinear
 
 The preprocessing is timm's eval transform (resize to size / crop_pct, centre crop, normalize) with the model's

@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not (folder / "run.json").is_file():
                 raise FileNotFoundError(f"--finetuned {folder}: no run.json (a tools/train_cls.py output folder)")
     torch.set_num_threads(1)  # the edge protocol, for eager PyTorch and onnxruntime alike
-    run = run_tradeoff(args.data_dir, args.checkpoint, args.families, args.finetuned, onnx=not args.no_onnx,
+    run = run_tradeoff(args.data_dir, args.checkpoint, args.families, finetuned=args.finetuned, onnx=not args.no_onnx,
                        warmup=args.warmup, iters=args.iters, cost_batch_size=args.cost_batch_size,
                        cost_rounds=args.cost_rounds)
     root = repository_root()

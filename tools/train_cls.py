@@ -7,7 +7,7 @@ holds ``train/<class>/<image>`` and ``val/<class>/<image>``. Examples::
 
     # the digits reference model (one process, 2 cores; tools/results/digits/README.md has the exact command)
     python tools/train_cls.py --data-dir data/digits --output work_dirs/digits_ref --model deit_tiny_patch16_224 \
-        --model-kwargs img_size=56 patch_size=4 embed_dim=96 depth=12 num_heads=3 --epochs 10 ...
+        --model-kwargs img_size=56 patch_size=4 embed_dim=96 depth=12 num_heads=3 init_values=1e-4 --epochs 12 ...
     # EViT fine-tuned from DeiT-S with its keep-rate warm-up, 8 GPUs
     torchrun --nproc_per_node 8 tools/train_cls.py --data-dir /data/imagenet --output work_dirs/evit_s \
         --model evit_small --pretrained --recipe evit
@@ -132,7 +132,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` of parsed arguments (ValueError for malformed --model-kwargs / --teacher-kwargs)."""
     values = {key: value for key, value in vars(args).items() if key != "no_progress"}
     values["model_kwargs"] = parse_model_kwargs(args.model_kwargs)
-    values["teacher_kwargs"] = parse_model_kwargs(args.teacher_kwargs, "--teacher-kwargs") if args.teacher_kwargs else None
+    values["teacher_kwargs"] = (parse_model_kwargs(args.teacher_kwargs, "--teacher-kwargs") if args.teacher_kwargs
+                                else None)
     values["aa"] = None if args.aa in (None, "", "none") else args.aa
     for key in ("scale", "ratio", "mctf_weights", "lookup_sizes", "mean", "std"):
         if values[key] is not None:

@@ -6,9 +6,9 @@ block 4), width 96 with 3 heads of 32 channels, patch 4 at 56 px (the 14 x 14 gr
 initialized at 1e-4 (DeiT III's and CaiT's residual scaling, timm's ``init_values``), 10 classes.
 
 Why LayerScale: with DeiT's plain residual blocks this narrow 12-block model stayed at chance (val top-1 12-15%, loss
-ln 10) for the first 3 epochs of the 12-epoch schedule the time budget allows (``work_dirs`` runs of
-``tools/results/digits/README.md``), while with LayerScale, everything else equal, it was at 45% after 3 epochs.
-Every family's blocks are timm blocks and apply the same scales, so nothing else changes.
+ln 10) for the first 3 epochs of the 12-epoch schedule the time budget allows, while with LayerScale, everything else
+equal, it was at 45% after 3 epochs (the logs are in ``tools/results/digits/``). Every family's blocks are timm
+blocks and apply the same scales, so nothing else changes.
 Every parameter-free family takes the same arguments and loads the same file (``tools/results/digits/reference.pth``,
 a float32 state dict) through timm's pretrained mechanism: ``build_reference("evit_tiny", checkpoint)``.
 """
