@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tokenzoo", "tokenzoo.layers", "tokenzoo.mm", "tokenzoo.export"],
+    packages=["tokenzoo", "tokenzoo.layers", "tokenzoo.mm", "tokenzoo.export", "tokenzoo.classification"],
     package_dir={"tokenzoo": "models", "tokenzoo.export": "export"},
     install_requires=["torch>=2.4", "torchvision", "timm>=1.0.31,<1.1", "numpy"],
     extras_require={
@@ -23,6 +23,8 @@ setup(
         "mm": ["mmengine>=0.10.7,<0.11", "mmcv>=2.1.0,<2.2.0", "mmdet>=3.3.0,<3.4", "mmsegmentation>=1.2.2,<1.3",
                "ftfy", "regex", "pycocotools", "setuptools<82"],
         "export": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript>=0.7", "onnxslim"],
+        # classification tools: the digits ship inside scikit-learn's wheel; matplotlib draws the trade-off plot
+        "cls": ["scikit-learn", "matplotlib", "tqdm"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },
 )

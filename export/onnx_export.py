@@ -14,7 +14,6 @@ Usage::
     python export/onnx_export.py deit_small_patch16_224 --out deit_s.onnx --img-size 224 --opset 18
 """
 import argparse
-import json
 import os
 import sys
 import uuid
@@ -27,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from tokenzoo.cli import user_errors
+from tokenzoo.cli import parse_model_kwargs, user_errors
 from tokenzoo.profiling import (
     ImgSize, build_model, check_img_size, eval_mode, example_input, to_img_size, validate_model_name)
 
@@ -184,40 +183,6 @@ def check_parity(
         actual = session.run(None, {input_name: x.float().cpu().numpy()})
         diffs[batch_size] = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
     return diffs
-
-
-def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
-    """Parse ``--model-kwargs``: one JSON object, or ``key=value`` pairs whose values are JSON or plain strings.
-
-    Args:
-        items: The command-line words, e.g. ``['{"keep_rate": 0.5}']`` or ``['keep_rate=0.5', 'drop_rate=0']``.
-
-    Returns:
-        Keyword arguments for the model constructor.
-
-    Raises:
-        ValueError: On malformed input.
-    """
-    if not items:
-        return {}
-    if len(items) == 1 and items[0].lstrip().startswith('{'):
-        try:
-            kwargs = json.loads(items[0])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-kwargs is not valid JSON: {e}") from e
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--model-kwargs JSON must be an object, got {items[0]!r}")
-        return kwargs
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--model-kwargs expects key=value pairs or one JSON object, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:  # bare words such as act_layer=gelu stay strings
-            kwargs[key] = value
-    return kwargs
 
 
 def _parser() -> argparse.ArgumentParser:
