@@ -1,4 +1,4 @@
-"""Export a model to one self-contained ONNX file with a dynamic batch axis, and check it against PyTorch.
+"""Export a model to one self-contained ONNX file (dynamic batch axis, or a static graph), and check it against PyTorch.
 
 Exporter choice: torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the default in torch 2.14) on a
 program captured by ``torch.export``. It handles what the token-reduction models use: ``torch.topk`` /
@@ -8,18 +8,26 @@ program captured by ``torch.export``. It handles what the token-reduction models
 fixed-batch graph. The legacy TorchScript exporter (``dynamo=False``) is not used: dynamo exports every model here,
 and a second exporter would only hide failures.
 
+``static=True`` writes a ``[1, 3, H, W]`` graph instead (every shape fixed): what mobile runtimes and the NNAPI/CoreML
+execution providers want, and what lets onnxruntime fold the shape arithmetic away. Every written graph goes through
+``graph.make_tooling_friendly`` (no stale shape records, reductions every tool can follow: the reason onnxruntime's
+quantization tools failed on the ToMe and MCTF graphs, see ``tokenzoo.export.graph``) and, optionally, an optimizer
+(``optimize='onnxslim'`` or ``'ort'``).
+
 Usage::
 
     python -m tokenzoo.export evit_small --out evit_small.onnx
     python export/onnx_export.py deit_small_patch16_224 --out deit_s.onnx --img-size 224 --opset 18
+    python -m tokenzoo.export tome_small --out tome_small.onnx --static --optimize onnxslim --int8 --fp16
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -28,12 +36,13 @@ import torch
 from torch import nn
 
 from tokenzoo.cli import user_errors
+from tokenzoo.export.graph import OPTIMIZERS, make_tooling_friendly, optimize_graph
 from tokenzoo.profiling import (
     ImgSize, build_model, check_img_size, eval_mode, example_input, to_img_size, validate_model_name)
 
 __all__ = [
-    'DEFAULT_OPSET', 'PARITY_TOL', 'SUPPORTED_OPSETS', 'check_out_path', 'check_parity', 'export_onnx', 'main',
-    'parse_model_kwargs',
+    'DEFAULT_OPSET', 'PARITY_TOL', 'SUPPORTED_OPSETS', 'atomic_output', 'check_out_path', 'check_parity',
+    'export_onnx', 'is_static', 'main', 'parse_model_kwargs',
 ]
 
 # 18 is the opset torch's exporter implements natively (lower ones go through a best-effort version converter) and
@@ -70,6 +79,39 @@ def check_out_path(out_path: str | os.PathLike, force: bool = False) -> Path:
     return out_path
 
 
+@contextlib.contextmanager
+def atomic_output(out_path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Write a file all at once: yields a hidden temporary path beside ``out_path``, renamed onto it on success.
+
+    On any failure (an exception, Ctrl-C) the temporary file is removed and ``out_path`` is left as it was, so an
+    interrupted export or quantization never leaves a half-written or clobbered file.
+
+    Args:
+        out_path: The file to write (checked with ``check_out_path`` first).
+        force: Allow replacing an existing file.
+
+    Raises:
+        FileExistsError: If ``out_path`` exists (or appeared meanwhile) and ``force`` is False.
+    """
+    out_path = check_out_path(out_path, force)
+    # a unique hidden name beside the target: same filesystem, so the final rename is atomic (not mkstemp: its 0600
+    # mode would stick to the result)
+    tmp_path = out_path.with_name(f'.{out_path.name}.{uuid.uuid4().hex[:12]}.tmp')
+    try:
+        yield tmp_path
+        if out_path.exists() and not force:  # created while we were working: still never clobber it
+            raise FileExistsError(f"{out_path} appeared meanwhile; pass --force (force=True) to overwrite it")
+        os.replace(tmp_path, out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def is_static(onnx_path: str | os.PathLike) -> bool:
+    """Whether the graph's input has a fixed batch size (a ``static=True`` export)."""
+    dim = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.HasField('dim_value')
+
+
 def _check_opset(opset: int) -> None:
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
@@ -83,13 +125,20 @@ def _check_size(model: nn.Module) -> None:
             f"the model's weights take {num_bytes / 2 ** 30:.2f} GB; a single-file ONNX model is limited to 2 GB")
 
 
-def _to_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> torch.onnx.ONNXProgram:
-    """Capture ``model`` with ``torch.export`` (dynamic batch axis) and convert it with the dynamo ONNX exporter."""
-    exported = torch.export.export(
-        model, (example,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},), strict=False)
-    # the string form only names the axis in the ONNX graph ('batch' instead of torch's symbol, e.g. 's77')
-    options = dict(dynamo=True, input_names=['input'], output_names=['output'], opset_version=opset, verbose=False,
-                   dynamic_shapes=({0: 'batch'},))
+def _to_onnx(model: nn.Module, example: torch.Tensor, opset: int, static: bool) -> torch.onnx.ONNXProgram:
+    """Capture ``model`` with ``torch.export`` (dynamic batch axis unless ``static``) and convert it with the dynamo
+    ONNX exporter."""
+    options = dict(dynamo=True, input_names=['input'], opset_version=opset, verbose=False)
+    if static:
+        exported = torch.export.export(model, (example,), strict=False)
+    else:
+        exported = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},), strict=False)
+        # the string form only names the axis in the ONNX graph ('batch' instead of torch's symbol, e.g. 's77')
+        options['dynamic_shapes'] = ({0: 'batch'},)
+    with torch.no_grad():
+        num_outputs = len(_as_arrays(exported.module()(example)))
+    options['output_names'] = ['output'] if num_outputs == 1 else [f'output{i}' for i in range(num_outputs)]
     return torch.onnx.export(exported, **options)
 
 
@@ -99,12 +148,16 @@ def export_onnx(
         img_size: ImgSize = (224, 224),
         opset: int = DEFAULT_OPSET,
         force: bool = False,
+        static: bool = False,
+        optimize: str = 'none',
 ) -> Path:
-    """Export a model in eval mode to one ONNX file (weights inside) with a dynamic batch axis.
+    """Export a model in eval mode to one ONNX file (weights inside) with a dynamic batch axis, or a static graph.
 
-    The graph has one input ``input`` of shape (batch, 3, H, W) and one output ``output``. The file is written to a
-    temporary file in the same folder, checked with ``onnx.checker.check_model`` and then renamed, so a failed export
-    leaves neither a partial file nor a clobbered one.
+    The graph has one input ``input`` of shape (batch, 3, H, W) (``static``: (1, 3, H, W)) and one output ``output``
+    (``output0``, ``output1``, ... for a model with several, e.g. an OpenMMLab backbone's maps). The file is written
+    to a temporary file in the same folder, made tooling-friendly (``graph.make_tooling_friendly``), optimized,
+    checked with ``onnx.checker.check_model`` and then renamed, so a failed or interrupted export leaves neither a
+    partial file nor a clobbered one.
 
     Args:
         model: A model, or a timm model name (built with random weights at ``img_size``).
@@ -112,35 +165,34 @@ def export_onnx(
         img_size: Input size, one int or ``(height, width)``.
         opset: ONNX opset, one of ``SUPPORTED_OPSETS``.
         force: Overwrite ``out_path`` if it exists.
+        static: A ``[1, 3, H, W]`` graph with every shape fixed, for mobile runtimes (it rejects other batch sizes).
+        optimize: 'none', 'onnxslim' or 'ort' (see ``graph.optimize_graph``).
 
     Returns:
         The path of the written file.
 
     Raises:
         FileExistsError: If ``out_path`` exists and ``force`` is False.
-        ValueError: Unknown model name, unsupported opset, an image size the model cannot take, or weights too large
-            for one file.
+        ValueError: Unknown model name, unsupported opset or optimizer, an image size the model cannot take, or
+            weights too large for one file.
     """
     out_path = check_out_path(out_path, force)
     _check_opset(opset)
+    if optimize not in OPTIMIZERS:
+        raise ValueError(f"optimize={optimize!r} is not known; allowed: {', '.join(OPTIMIZERS)}")
     if isinstance(model, str):
         model = build_model(model, img_size=img_size)
     img_size = check_img_size(model, img_size)
     _check_size(model)
 
-    # a unique hidden name beside the target: same filesystem, so the final rename is atomic (not mkstemp: its 0600
-    # mode would stick to the result)
-    tmp_path = out_path.with_name(f'.{out_path.name}.{uuid.uuid4().hex[:12]}.tmp')
-    try:
+    with atomic_output(out_path, force) as tmp_path:
         with eval_mode(model):
-            program = _to_onnx(model, example_input(model, _EXAMPLE_BATCH, img_size), opset)
-        program.save(tmp_path, external_data=False)
+            example = example_input(model, 1 if static else _EXAMPLE_BATCH, img_size)
+            program = _to_onnx(model, example, opset, static)
+        onnx.save(make_tooling_friendly(program.model_proto), str(tmp_path))
+        if optimize != 'none':
+            optimize_graph(tmp_path, tmp_path, optimize)
         onnx.checker.check_model(str(tmp_path), full_check=True)
-        if out_path.exists() and not force:  # created while we were exporting: still never clobber it
-            raise FileExistsError(f"{out_path} appeared during the export; pass --force (force=True) to overwrite it")
-        os.replace(tmp_path, out_path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
     return out_path
 
 
@@ -152,7 +204,7 @@ def _as_arrays(output: Any) -> list[np.ndarray]:
 def check_parity(
         model: nn.Module,
         onnx_path: str | os.PathLike,
-        batch_sizes: Sequence[int] = (1, 3),
+        batch_sizes: Sequence[int] | None = None,
         img_size: ImgSize = (224, 224),
         seed: int = 0,
 ) -> dict[int, float]:
@@ -161,7 +213,8 @@ def check_parity(
     Args:
         model: The PyTorch model that was exported.
         onnx_path: The exported file.
-        batch_sizes: Batch sizes to run; more than one checks that the batch axis is really dynamic.
+        batch_sizes: Batch sizes to run; more than one checks that the batch axis is really dynamic. Default: 1 and 3
+            for a dynamic-batch graph, 1 for a static one.
         img_size: Input size, one int or ``(height, width)``.
         seed: Seed of the random inputs.
 
@@ -171,6 +224,8 @@ def check_parity(
     Raises:
         ValueError: On an empty or non-positive batch size list, or an image size the model cannot take.
     """
+    if batch_sizes is None:
+        batch_sizes = (1,) if is_static(onnx_path) else (1, 3)
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {batch_sizes!r}")
     img_size = check_img_size(model, img_size)
