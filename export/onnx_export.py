@@ -278,14 +278,26 @@ def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m tokenzoo.export',
-        description='Export a timm/tokenzoo model to one ONNX file with a dynamic batch axis and check it against '
-                    'PyTorch with onnxruntime (exit code 1 if the max abs diff exceeds %g).' % PARITY_TOL)
+        description='Export a timm/tokenzoo model to one ONNX file (dynamic batch axis, or --static) and check it '
+                    'against PyTorch with onnxruntime (exit code 1 if the max abs diff exceeds %g); with --int8 / '
+                    '--fp16 also write the quantized files beside it, each with its agreement with FP32 on real '
+                    'images.' % PARITY_TOL)
     parser.add_argument('model', help='timm model name, e.g. evit_small or deit_small_patch16_224')
-    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    parser.add_argument('--out', required=True, help='the .onnx file to write (FP32); the others go beside it')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='N',
                         help='input size: N (square) or H W; a multiple of the patch size (default: 224)')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
-    parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+    parser.add_argument('--static', action='store_true',
+                        help='a static [1, 3, H, W] graph (mobile runtimes, NNAPI/CoreML) instead of a dynamic batch')
+    parser.add_argument('--optimize', choices=OPTIMIZERS, default='none',
+                        help='optimize the written graph with onnxslim or onnxruntime\'s basic offline optimizer')
+    parser.add_argument('--int8', nargs='?', const='default', choices=['default', 'static', 'dynamic', 'both'],
+                        help='also write OUT.int8.onnx (onnxruntime quantization; default mode: dynamic; static: QDQ '
+                             'calibrated on real images; both: OUT.int8-static.onnx and OUT.int8-dynamic.onnx)')
+    parser.add_argument('--fp16', action='store_true', help='also write OUT.fp16.onnx')
+    parser.add_argument('--images', help='folder of images for calibration and agreement (default: scikit-image\'s '
+                                         'bundled photographs)')
+    parser.add_argument('--force', action='store_true', help='overwrite existing files')
     parser.add_argument('--checkpoint', help='local weight file; random weights if omitted')
     parser.add_argument('--model-kwargs', nargs='+', metavar='KWARGS',
                         help='model constructor arguments: one JSON object or key=value pairs')
@@ -294,26 +306,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
+    from tokenzoo.export.deploy import DEFAULT_INT8, deployment_paths, export_deployment  # imports this module
+
     parser = _parser()
     args = parser.parse_args(argv)
+    int8 = DEFAULT_INT8 if args.int8 == 'default' else args.int8
     # validate everything cheap before building or tracing anything
     with user_errors(parser):
         img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
         model_kwargs = parse_model_kwargs(args.model_kwargs)
         validate_model_name(args.model)
         _check_opset(args.opset)
-        check_out_path(args.out, args.force)
+        for path in deployment_paths(args.out, int8, args.fp16).values():
+            check_out_path(path, args.force)
+        if args.images is not None and not Path(args.images).is_dir():
+            raise FileNotFoundError(f"--images {args.images} is not a folder")
         model = build_model(args.model, img_size=img_size, checkpoint=args.checkpoint, **model_kwargs)
     weights = args.checkpoint or 'random (no --checkpoint)'
-    print(f"exporting {args.model} ({img_size[0]}x{img_size[1]}, opset {args.opset}, weights: {weights})",
-          file=sys.stderr)
-    out_path = export_onnx(model, args.out, img_size=img_size, opset=args.opset, force=args.force)
-    print(f"wrote {out_path} ({out_path.stat().st_size / 2 ** 20:.1f} MB)")
-    diffs = check_parity(model, out_path, img_size=img_size)
-    for batch_size, diff in diffs.items():
+    print(f"exporting {args.model} ({img_size[0]}x{img_size[1]}, opset {args.opset}, "
+          f"{'static [1, 3, H, W]' if args.static else 'dynamic batch'}, weights: {weights})", file=sys.stderr)
+    manifest = export_deployment(model, args.out, img_size=img_size, static=args.static, optimize=args.optimize,
+                                 int8=int8, fp16=args.fp16, weights=weights, calibration=args.images,
+                                 images=args.images, opset=args.opset, force=args.force)
+    for name, path in manifest['files'].items():
+        print(f"wrote {path} ({name}, {Path(path).stat().st_size / 2 ** 20:.1f} MB)")
+    for batch_size, diff in manifest['parity'].items():
         status = 'ok' if diff <= PARITY_TOL else f'FAIL (> {PARITY_TOL:g})'
         print(f"parity batch {batch_size}: max abs diff {diff:.3g} {status}")
-    return 0 if max(diffs.values()) <= PARITY_TOL else 1
+    for name, a in manifest['agreement'].items():
+        print(f"{name} vs fp32: top-1 agreement {a['top1_agreement']:.1%}, mean logit cosine {a['mean_cosine']:.5f} "
+              f"({a['num_images']} images: {a['images']}; weights: {a['weights']})")
+    return 0 if manifest['parity_ok'] else 1
 
 
 if __name__ == '__main__':
