@@ -25,8 +25,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from tokenzoo.profiling import ImgSize, to_img_size
 
-__all__ = ['IMAGE_SUFFIXES', 'ImageSet', 'PHOTOGRAPHS', 'image_folder', 'images_from', 'model_normalization',
-           'photographs']
+__all__ = ['IMAGE_SUFFIXES', 'ImageSet', 'PHOTOGRAPHS', 'image_folder', 'images_from', 'load_picture',
+           'model_normalization', 'normalize', 'photographs']
 
 # skimage.data loaders whose files ship in the scikit-image wheel (checked in 0.26: no download on first use)
 PHOTOGRAPHS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'stereo_motorcycle', 'hubble_deep_field', 'retina',
@@ -81,6 +81,35 @@ def _load_photograph(name: str) -> Image.Image:
     if array.dtype != np.uint8:
         array = (255 * (array - array.min()) / max(float(array.max() - array.min()), 1e-12)).astype(np.uint8)
     return Image.fromarray(array).convert('RGB')
+
+
+def load_picture(source: str | os.PathLike, img_size: ImgSize = 224) -> Image.Image:
+    """One picture as the model sees it (before normalization): the largest centred crop of the input's aspect,
+    resized.
+
+    Args:
+        source: The name of one of scikit-image's ``PHOTOGRAPHS`` (e.g. 'astronaut') or an image file.
+        img_size: Output size, one int or ``(height, width)``.
+
+    Raises:
+        FileNotFoundError: If ``source`` is neither a photograph's name nor an existing file.
+    """
+    size = to_img_size(img_size)
+    if str(source) in PHOTOGRAPHS:
+        image = _load_photograph(str(source))
+    elif Path(source).is_file():
+        with Image.open(source) as opened:
+            image = opened.convert('RGB')
+    else:
+        raise FileNotFoundError(f"image {str(source)!r} is neither an image file nor one of scikit-image's "
+                                f"photographs ({', '.join(PHOTOGRAPHS)})")
+    return _crop(image, size, 1.0, (0.5, 0.5), False)
+
+
+def normalize(image: Image.Image, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A PIL image as a normalized float32 tensor (3, H, W)."""
+    return _to_tensor(image, mean, std)
 
 
 def photographs(

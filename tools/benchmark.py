@@ -381,36 +381,20 @@ def format_report(report: dict) -> str:
         rows.append(row)
     lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    if s['onnx'] and len(s.get('variants', ['fp32'])) > 1:
-        lines += ['', *variant_table(report)]
-    mobile = [r for r in report['models'] if r['onnx'] and r['onnx'].get('mobile')]
-    if mobile:
-        from tokenzoo.export.mobile import format_mobile_summary
+    if s['onnx']:
+        from tokenzoo.export.report import mobile_table, variant_table
 
-        lines += ['', "onnxruntime mobile usability (static FP32 graph):"]
-        for r in mobile:
-            lines += [f"- {r['name']}:", *(f"  {line}" for line in format_mobile_summary(r['onnx']['mobile']).split('\n'))]
+        if len(s.get('variants', ['fp32'])) > 1:
+            lines += ['', *variant_table(report['models'])]
+        mobile = [r for r in report['models'] if r['onnx'].get('mobile')]
+        if mobile:
+            from tokenzoo.export.mobile import EXECUTION_PROVIDERS
+
+            lines += ['', "onnxruntime's mobile usability check (static FP32 graph):", '',
+                      *mobile_table(mobile, EXECUTION_PROVIDERS)]
     return '\n'.join(lines)
 
 
-def variant_table(report: dict) -> list[str]:
-    """Markdown table of every graph variant: latency with its protocol, ratios, size and agreement with FP32."""
-    lines = ['| model | variant | ORT p50 / p90 / p99 (ms) | threads, batch | p50 vs base (same variant) | '
-             'speedup vs own FP32 | size (MB) | parity / agreement with FP32 |', '|' + '---|' * 8]
-    for r in report['models']:
-        for variant, entry in r['onnx']['variants'].items():
-            lat = entry['ort_latency']
-            ratio = r['ratios']['ort_latency_p50'] if variant == 'fp32' else r['ratios'][f'ort_latency_p50_{variant}']
-            speedup = '1.00x' if variant == 'fp32' else f"{r['ratios'][f'speedup_{variant}_vs_fp32']:.2f}x"
-            if 'agreement' in entry:
-                a = entry['agreement']
-                check = f"top-1 {a['top1_agreement']:.1%}, cosine {a['mean_cosine']:.4f} ({a['num_images']} images)"
-            else:
-                check = 'max abs diff ' + ' / '.join(f'{d:.1e}' for d in entry['parity_max_abs_diff'].values())
-            lines.append(f"| {r['name']} | {lat['variant']} | {lat['p50_ms']:.2f} / {lat['p90_ms']:.2f} / "
-                         f"{lat['p99_ms']:.2f} | {lat['threads']}, {lat['batch_size']} | {ratio:.3f} | {speedup} | "
-                         f"{entry['size_mb']:.1f} | {check} |")
-    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
