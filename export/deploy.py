@@ -9,7 +9,7 @@
 
 Each file is checked with ``onnx.checker``; FP32 against PyTorch (max abs diff, DESIGN contract 7); INT8 and FP16
 against FP32 on real images (``verify.agreement``: top-1 agreement and mean logit cosine, with the weights and images
-named). The manifest returned (and written by the command line as ``name.json``) holds every figure.
+named; not for a model with several outputs, such as an OpenMMLab backbone's maps). The manifest returned (and written by the command line as ``name.json``) holds every figure.
 
 Progress is shown with tqdm; every file is written through ``atomic_output``, so an interrupted run leaves complete
 files only.
@@ -18,10 +18,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import onnx
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from tokenzoo.export.graph import DEFAULT_OPTIMIZER
 from tokenzoo.export.images import ImageSet, images_from
 from tokenzoo.export.onnx_export import (DEFAULT_OPSET, PARITY_TOL, check_out_path, check_parity, export_onnx)
 from tokenzoo.export.quantize import INT8_MODES, quantize_int8, to_fp16
@@ -30,8 +32,9 @@ from tokenzoo.profiling import ImgSize, check_img_size
 
 __all__ = ['CALIBRATION_IMAGES', 'DEFAULT_INT8', 'EVAL_IMAGES', 'deployment_paths', 'export_deployment']
 
-# measured on a trained model and on every family (see the issue note / README): dynamic INT8 agrees with FP32 as
-# well as static QDQ does or better, runs faster on onnxruntime's CPU execution provider, and needs no calibration
+# Dynamic INT8 agreed with FP32 better than static QDQ on every trained model measured (tests/photo_classifier.py,
+# 64 px, 60 held-out crops; top-1 agreement / mean logit cosine, dynamic vs static: ViT 100% / 0.99999 vs 91.7% /
+# 0.963, EViT 100% / 0.9994 vs 100% / 0.9961, ToMe 100% / 0.99998 vs 100% / 0.9991) and needs no calibration data.
 DEFAULT_INT8 = 'dynamic'
 CALIBRATION_IMAGES = 32  # photographs 100.. (crops disjoint from the evaluation images)
 EVAL_IMAGES = 60  # photographs 0..59
@@ -57,7 +60,7 @@ def export_deployment(
         out_path: str | os.PathLike,
         img_size: ImgSize = 224,
         static: bool = False,
-        optimize: str = 'none',
+        optimize: str = DEFAULT_OPTIMIZER,
         int8: str | None = DEFAULT_INT8,
         fp16: bool = True,
         weights: str = 'random',
@@ -124,5 +127,8 @@ def export_deployment(
                 quantize_int8(paths['fp32'], paths[step], mode=mode, calibration=cal, force=force)
             else:
                 to_fp16(paths['fp32'], paths[step], force=force)
-            manifest['agreement'][step] = agreement(paths['fp32'], paths[step], eval_images, weights)
+            if len(onnx.load(str(paths['fp32']), load_external_data=False).graph.output) == 1:
+                manifest['agreement'][step] = agreement(paths['fp32'], paths[step], eval_images, weights)
+            else:  # an OpenMMLab backbone's maps: no class decision to agree on
+                manifest['agreement'][step] = None
     return manifest

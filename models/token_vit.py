@@ -342,8 +342,8 @@ class TokenVisionTransformer(VisionTransformer):
         grid = self.grid_size(tuple(x.shape[-2:]))
         query = (grid[0] // 2, grid[1] // 2) if query is None else tuple(query)
         if not (0 <= query[0] < grid[0] and 0 <= query[1] < grid[1]):
-            raise ValueError(f"query {query} is outside the {grid[0]}x{grid[1]} patch grid: allowed rows 0..{grid[0] - 1}"
-                             f", columns 0..{grid[1] - 1}")
+            raise ValueError(f"query {query} is outside the {grid[0]}x{grid[1]} patch grid: allowed rows "
+                             f"0..{grid[0] - 1}, columns 0..{grid[1] - 1}")
         was_training = self.training
         self.eval()
         try:

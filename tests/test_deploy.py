@@ -274,3 +274,21 @@ def test_mobile_usability_summary(tmp_path):
         r = result[ep]
         assert r['verdict'] in ('YES', 'MAYBE', 'NO') and 0 < r['supported_nodes'] <= r['nodes']
         assert 'TopK' in r['unsupported_ops']  # EViT's top-k keep: no mobile execution provider takes it
+
+
+@pytest.mark.slow
+def test_openmmlab_backbone_exports_its_maps(tmp_path):
+    """An OpenMMLab backbone (full-resolution maps of its out_indices) exports with a dynamic batch and parity, and
+    its INT8 file is written (no agreement figure: maps, not a class decision)."""
+    pytest.importorskip('mmengine')
+    from pathlib import Path
+
+    from tokenzoo.mm import build_backbone
+
+    config = Path(__file__).resolve().parents[1] / 'configs/evit/upernet_evit-small-kr0.7_mln_1xb2-200i_synthetic.py'
+    backbone = build_backbone(str(config)).eval()
+    manifest = export_deployment(backbone, tmp_path / 'backbone.onnx', img_size=backbone.img_size, fp16=False,
+                                 progress=False)
+    outputs = onnx.load(str(tmp_path / 'backbone.onnx')).graph.output
+    assert [o.name for o in outputs] == [f'output{i}' for i in range(len(backbone.out_indices))]
+    assert manifest['parity_ok'] and manifest['agreement'] == {'int8-dynamic': None}

@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--variants', nargs='+', metavar='VARIANT',
                         help=f"graph variants to time (implies --onnx): {', '.join(VARIANTS)} or all (default: fp32); "
                              "INT8 and FP16 get their agreement with FP32 on real images")
-    parser.add_argument('--optimize', choices=['none', 'onnxslim', 'ort'], default='none',
-                        help='optimize the exported graphs (tokenzoo.export.graph; default: none)')
+    parser.add_argument('--optimize', choices=['none', 'onnxslim', 'ort'], default='onnxslim',
+                        help='graph optimizer on the exported graphs (tokenzoo.export.graph; default: onnxslim)')
     parser.add_argument('--mobile', action='store_true',
                         help="onnxruntime's mobile usability check (NNAPI, CoreML) of the static FP32 graph (implies "
                              "--onnx)")
