@@ -9,7 +9,8 @@
 
 Each file is checked with ``onnx.checker``; FP32 against PyTorch (max abs diff, DESIGN contract 7); INT8 and FP16
 against FP32 on real images (``verify.agreement``: top-1 agreement and mean logit cosine, with the weights and images
-named; not for a model with several outputs, such as an OpenMMLab backbone's maps). The manifest returned (and written by the command line as ``name.json``) holds every figure.
+named; not for a model with several outputs, such as an OpenMMLab backbone's maps). The manifest returned holds
+every figure (``python -m tokenzoo.export`` prints them).
 
 Progress is shown with tqdm; every file is written through ``atomic_output``, so an interrupted run leaves complete
 files only.

@@ -61,6 +61,15 @@ def _quiet_quantization_logs() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
 
+def _vector_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose constant operand B is not a matrix (e.g. Sparsifiner's reassociated bias product,
+    keys @ bias): per-channel quantization needs a 2-D weight (onnxruntime rejects the zero point of a 1-D one at
+    run time), and a matrix-vector product is no cost worth quantizing."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type == 'MatMul' and len(node.input) > 1 and
+            node.input[1] in initializers and len(initializers[node.input[1]].dims) != 2]
+
+
 def quantize_int8(
         src: str | os.PathLike,
         dst: str | os.PathLike,
@@ -99,14 +108,17 @@ def quantize_int8(
         # is an activation (the residual), which the QDQ quantizer then takes for a constant bias (it writes a second
         # producer of that tensor), and the dynamic quantizer leaves Gemm in float; the session fuses at load anyway
         quant_pre_process(str(src), str(prepared), skip_optimization=True)
+        graph = onnx.load(str(prepared))
+        excluded = _vector_weight_matmuls(graph)
         if mode == 'dynamic':
-            quantize_dynamic(str(prepared), str(tmp_path), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(str(prepared), str(tmp_path), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_exclude=excluded)
         else:
-            input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-            reader = _Calibration(input_name, calibration, 1 if is_static(prepared) else 16)
+            reader = _Calibration(graph.graph.input[0].name, calibration, 1 if is_static(prepared) else 16)
             quantize_static(str(prepared), str(tmp_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(QUANTIZED_OPS),
+                            nodes_to_exclude=excluded,
                             extra_options=dict(MatMulConstBOnly=True, WeightSymmetric=True, ActivationSymmetric=True))
         onnx.checker.check_model(str(tmp_path), full_check=True)
     return Path(dst)
@@ -119,6 +131,32 @@ def _unsupported_fp16_node(error: Exception) -> str | None:
              re.search(r"running \w+ node\. Name:'([^']*)' Status Message: .*(MLFloat16|float16|not supported)",
                        message))
     return match.group(1) if match else None
+
+
+def _drop_repeated_casts(model: onnx.ModelProto) -> None:
+    """Keep one of several identical nodes writing the same value, and make node names unique.
+
+    The float16 converter names the cast it inserts after the value it casts: a value cast back to float32 for two
+    blocked consumers gets two identical ``Cast`` nodes writing one name, which onnxruntime refuses (SSA). They
+    compute the same thing, so one is enough; any other clash is an error.
+    """
+    producers: dict[str, onnx.NodeProto] = {}
+    nodes, names = [], set()
+    for node in model.graph.node:
+        clash = [producers[out] for out in node.output if out in producers]
+        if clash:
+            if len(clash) == len(node.output) and all(
+                    (c.op_type, list(c.input), list(c.output), list(c.attribute)) ==
+                    (node.op_type, list(node.input), list(node.output), list(node.attribute)) for c in clash):
+                continue
+            raise ValueError(f"float16 conversion: node {node.name!r} writes {list(node.output)}, already written")
+        producers.update({out: node for out in node.output})
+        while node.name in names:
+            node.name = f'{node.name}_'
+        names.add(node.name)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _smoke_run(path: Path) -> None:
@@ -156,6 +194,7 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
             # loaded each time: the converter edits its input in place
             model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked)
             OnnxModel(model).topological_sort()  # the converter appends the input casts after their users
+            _drop_repeated_casts(model)
             onnx.save(model, str(tmp_path))
             try:
                 _smoke_run(tmp_path)

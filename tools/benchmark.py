@@ -36,8 +36,8 @@ from tqdm import tqdm
 import tokenzoo
 from tokenzoo.cli import user_errors
 from tokenzoo.profiling import (
-    build_model, count_gmacs, count_params, dense_table, eager_latency, eager_throughput, format_token_counts,
-    machine_info, peak_memory_mb, to_img_size, token_counts)
+    build_model, count_gmacs, count_gmacs_exported, count_params, dense_table, eager_latency, eager_throughput,
+    format_token_counts, machine_info, peak_memory_mb, to_img_size, token_counts)
 
 PARITY_BATCH_SIZES = (1, 3)  # more than one batch size proves the exported batch axis is dynamic
 # graph variants: (precision, static shape); 'fp32' is the dynamic-batch FP32 graph every other one is made from
@@ -278,6 +278,9 @@ def measure_model(name: str, args: argparse.Namespace, onnx_dir: Path | None, st
     result['eager_throughput_ips'] = eager_throughput(model, args.batch_size, args.img_size, args.warmup, args.iters)
     step('eager latency (batch 1)')
     result['eager_latency_ms'] = eager_latency(model, 1, args.img_size, args.warmup, args.iters)
+    if onnx_dir:
+        step('counting GMACs of the exported program')
+        result['gmacs_exported'] = count_gmacs_exported(model, args.img_size)
     result['onnx'] = _measure_onnx(model, name, onnx_dir, args, step) if onnx_dir else None
     return result
 
@@ -334,6 +337,7 @@ def add_ratios(results: list[dict], base: str) -> None:
     for r in results:
         ratios: dict[str, float | None] = dict(
             gmacs=r['gmacs'] / ref['gmacs'],
+            gmacs_exported=r['gmacs_exported'] / ref['gmacs_exported'] if 'gmacs_exported' in r else None,
             eager_throughput=r['eager_throughput_ips'] / ref['eager_throughput_ips'],
             ort_latency_p50=r['onnx']['ort_latency']['p50_ms'] / ref['onnx']['ort_latency']['p50_ms']
             if r['onnx'] else None,
