@@ -23,10 +23,8 @@ Usage::
 import argparse
 import datetime
 import json
-import os
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,6 +33,7 @@ from tqdm import tqdm
 
 import tokenzoo
 from tokenzoo.cli import user_errors
+from tokenzoo.export.files import atomic_output
 from tokenzoo.profiling import (
     build_model, count_gmacs, count_gmacs_exported, count_params, dense_table, eager_latency, eager_throughput,
     format_token_counts, machine_info, peak_memory_mb, to_img_size, token_counts)
@@ -245,11 +244,12 @@ def _measure_onnx(model: torch.nn.Module, name: str, folder: Path, args: argpars
         from tokenzoo.export.mobile import mobile_usability
 
         step("onnxruntime's mobile usability check (static graph)")
-        static_path = paths.get('fp32-static') or _onnx_path(folder, name, args.img_size, 'fp32-static')
-        if 'fp32-static' not in paths:
-            export_onnx(model, static_path, img_size=args.img_size, opset=args.opset, force=True, static=True,
-                        optimize=args.optimize)
-        result['mobile'] = mobile_usability(static_path)
+        with tempfile.TemporaryDirectory(prefix='tokenzoo-mobile-') as tmp:
+            static_path = paths.get('fp32-static')
+            if static_path is None:  # not asked for as a variant: checked, not kept
+                static_path = export_onnx(model, Path(tmp) / 'static.onnx', img_size=args.img_size, opset=args.opset,
+                                          static=True, optimize=args.optimize)
+            result['mobile'] = mobile_usability(static_path)
     fp32 = result['variants']['fp32']
     # the FP32 figures where earlier results (and tools/model_zoo.py) read them
     result.update(parity_max_abs_diff=fp32['parity_max_abs_diff'], parity_ok=fp32['parity_ok'],
@@ -444,12 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_dense_report(report) if args.dense else format_report(report))
     if args.json is not None:
         _check_new_file(args.json, args.force)  # again: the file may have appeared during the run
-        tmp = args.json.with_name(f'.{args.json.name}.{uuid.uuid4().hex[:12]}.tmp')
-        try:  # written whole or not at all
+        with atomic_output(args.json, args.force) as tmp:  # written whole or not at all
             tmp.write_text(json.dumps(report, indent=2) + '\n')
-            os.replace(tmp, args.json)
-        finally:
-            tmp.unlink(missing_ok=True)
         print(f"wrote {args.json}", file=sys.stderr)
     failed = [r['name'] for r in results if r.get('onnx') and not r['onnx']['parity_ok']]
     if failed:

@@ -27,11 +27,11 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tokenzoo.cli import user_errors
+from tokenzoo.export.files import atomic_output
 from tokenzoo.export.report import default_int8_variant, mobile_table, variant_table
 from tokenzoo.profiling import dense_table, format_token_counts
 
@@ -282,9 +282,10 @@ def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Pat
         kind = classify(run)
         points = _plot_points(run)
         fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=100)
-        top = max([1.05, *(p[2] for p in points), *(p[3] for p in points if p[3] is not None)]) * 1.05
-        ax.plot([0, top], [0, top], '--', color='gray', label='ideal: latency ratio = GMACs ratio')
-        ax.plot([0, top / 1.1], [0, top], ':', color='gray', label='target: 1.10 x GMACs ratio')
+        right = max([1.05, *(p[1] for p in points)]) * 1.1
+        top = max([1.05, *(p[2] for p in points), *(p[3] for p in points if p[3] is not None)]) * 1.08
+        ax.plot([0, right], [0, right], '--', color='gray', label='ideal: latency ratio = GMACs ratio')
+        ax.plot([0, right], [0, 1.1 * right], ':', color='gray', label='target: 1.10 x GMACs ratio')
         label = 'eager PyTorch' if kind == 'dense' else 'onnxruntime FP32'
         ax.scatter([p[1] for p in points], [p[2] for p in points], color='tab:blue', label=label, zorder=3)
         int8 = [p for p in points if p[3] is not None]
@@ -297,18 +298,16 @@ def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Pat
         where = ('backbones in OpenMMLab configs, eager, batch 1' if kind == 'dense' else
                  f"{s.get('profile') or 'custom'} profile: {s['threads']} thread(s), batch {s.get('ort_batch_size')}")
         xlabel = "GMACs / base's" if kind == 'dense' else "GMACs of the exported program / base's"
-        ax.set(xlim=(0, top), ylim=(0, top), xlabel=xlabel, ylabel="latency p50 / base's",
+        ax.set(xlim=(0, right), ylim=(0, top), xlabel=xlabel, ylabel="latency p50 / base's",
                title=f"{Path(source).name}\n{where}")
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, loc='upper left')
+        ax.legend(fontsize=7, loc='lower right')
         ax.grid(alpha=0.3)
         path = folder / plot_name(source)
-        tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:12]}.tmp.png')
         try:
-            fig.savefig(tmp, bbox_inches='tight', metadata={'Software': None})
-            os.replace(tmp, path)
+            with atomic_output(path, force=True) as tmp:
+                fig.savefig(tmp, format='png', bbox_inches='tight', metadata={'Software': None})
         finally:
-            tmp.unlink(missing_ok=True)
             plt.close(fig)
         written[source] = path
     return written
@@ -395,12 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        tmp = args.out.with_name(f'.{args.out.name}.{uuid.uuid4().hex[:12]}.tmp')
-        try:
+        with atomic_output(args.out, args.force) as tmp:
             tmp.write_text(text)
-            os.replace(tmp, args.out)
-        finally:
-            tmp.unlink(missing_ok=True)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -18,9 +18,7 @@ Usage::
         lookupvit_small --blocks 3 6 9 11 --image astronaut --out tokens.png
 """
 import argparse
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -28,8 +26,10 @@ import numpy as np
 import torch
 
 from tokenzoo.cli import user_errors
+from tokenzoo.export.files import atomic_output
 from tokenzoo.export.images import load_picture, model_normalization, normalize
-from tokenzoo.export.onnx_export import check_out_path, parse_model_kwargs
+from tokenzoo.export.files import check_out_path
+from tokenzoo.export.onnx_export import parse_model_kwargs
 from tokenzoo.profiling import build_model, to_img_size, validate_model_name
 
 __all__ = ['draw_attention', 'draw_groups', 'main', 'token_figure']
@@ -163,12 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_picture(args.image, img_size)  # a missing file or unknown name fails here, before any model runs
     weights = ', '.join(f'{n}: {p}' for n, p in checkpoints.items()) if checkpoints else 'random (no --checkpoint)'
     fig = token_figure(rows, args.image, args.blocks, img_size, tuple(args.query) if args.query else None, weights)
-    tmp = args.out.with_name(f'.{args.out.name}.{uuid.uuid4().hex[:12]}.tmp.png')
-    try:  # written whole or not at all
-        fig.savefig(tmp, metadata={'Software': None})
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(args.out, args.force) as tmp:  # written whole or not at all
+        fig.savefig(tmp, format='png', metadata={'Software': None})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
