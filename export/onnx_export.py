@@ -19,6 +19,7 @@ Usage::
     python -m tokenzoo.export evit_small --out evit_small.onnx
     python export/onnx_export.py deit_small_patch16_224 --out deit_s.onnx --img-size 224 --opset 18
     python -m tokenzoo.export tome_small --out tome_small.onnx --static --optimize onnxslim --int8 --fp16
+    python -m tokenzoo.export '*_small' --out deploy/ --int8 --fp16     # every registered small model, with progress
 """
 import argparse
 import json
@@ -229,9 +230,11 @@ def _parser() -> argparse.ArgumentParser:
                     'against PyTorch with onnxruntime (exit code 1 if the max abs diff exceeds %g); with --int8 / '
                     '--fp16 also write the quantized files beside it, each with its agreement with FP32 on real '
                     'images.' % PARITY_TOL)
-    parser.add_argument('model', help='timm model name, e.g. evit_small or deit_small_patch16_224, or an OpenMMLab '
-                                      'config file (its backbone is exported at the config\'s training size, maps out)')
-    parser.add_argument('--out', required=True, help='the .onnx file to write (FP32); the others go beside it')
+    parser.add_argument('model', help="timm model name, e.g. evit_small or deit_small_patch16_224; a pattern such as "
+                                      "'*_small' (every tokenzoo model it matches, into the folder --out); or an "
+                                      "OpenMMLab config file (its backbone at the config's training size, maps out)")
+    parser.add_argument('--out', required=True, help='the .onnx file to write (FP32; the others go beside it), or the '
+                                                     'folder for a pattern')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='N',
                         help='input size: N (square) or H W; a multiple of the patch size (default: 224)')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
@@ -253,43 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code."""
-    from tokenzoo.export.deploy import DEFAULT_INT8, deployment_paths, export_deployment  # imports this module
-
-    parser = _parser()
-    args = parser.parse_args(argv)
-    int8 = DEFAULT_INT8 if args.int8 == 'default' else args.int8
-    # validate everything cheap before building or tracing anything
-    with user_errors(parser):
-        img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
-        model_kwargs = parse_model_kwargs(args.model_kwargs)
-        config = args.model.endswith('.py')
-        if config and (args.checkpoint or model_kwargs):
-            raise ValueError("a config builds its own backbone: --checkpoint and --model-kwargs are for model names "
-                             "(set the config's init_cfg / model.backbone instead)")
-        if config and not Path(args.model).is_file():
-            raise FileNotFoundError(f"config {args.model} does not exist")
-        if not config:
-            validate_model_name(args.model)
-        _check_opset(args.opset)
-        for path in deployment_paths(args.out, int8, args.fp16).values():
-            check_out_path(path, args.force)
-        if args.images is not None and not Path(args.images).is_dir():
-            raise FileNotFoundError(f"--images {args.images} is not a folder")
-        if config:
-            from tokenzoo.mm import build_backbone  # OpenMMLab: the mm extra
-
-            model = build_backbone(args.model).eval()
-            img_size = tuple(model.img_size)
-        else:
-            model = build_model(args.model, img_size=img_size, checkpoint=args.checkpoint, **model_kwargs)
-    weights = args.checkpoint or 'random (no --checkpoint)'
-    print(f"exporting {args.model} ({img_size[0]}x{img_size[1]}, opset {args.opset}, "
-          f"{'static [1, 3, H, W]' if args.static else 'dynamic batch'}, weights: {weights})", file=sys.stderr)
-    manifest = export_deployment(model, args.out, img_size=img_size, static=args.static, optimize=args.optimize,
-                                 int8=int8, fp16=args.fp16, weights=weights, calibration=args.images,
-                                 images=args.images, opset=args.opset, force=args.force)
+def _print_manifest(manifest: dict[str, Any]) -> None:
     for name, path in manifest['files'].items():
         print(f"wrote {path} ({name}, {Path(path).stat().st_size / 2 ** 20:.1f} MB)")
     for batch_size, diff in manifest['parity'].items():
@@ -301,7 +268,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"{name} vs fp32: top-1 agreement {a['top1_agreement']:.1%}, mean logit cosine {a['mean_cosine']:.5f} "
               f"({a['num_images']} images: {a['images']}; weights: {a['weights']})")
-    return 0 if manifest['parity_ok'] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code (1 if a parity check failed)."""
+    from tqdm import tqdm
+
+    import tokenzoo
+    from tokenzoo.export.deploy import DEFAULT_INT8, deployment_paths, export_deployment  # imports this module
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    int8 = DEFAULT_INT8 if args.int8 == 'default' else args.int8
+    # validate everything cheap before building or tracing anything
+    with user_errors(parser):
+        img_size = to_img_size(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
+        model_kwargs = parse_model_kwargs(args.model_kwargs)
+        config = args.model.endswith('.py')
+        pattern = not config and any(c in args.model for c in '*?[')
+        if config and (args.checkpoint or model_kwargs):
+            raise ValueError("a config builds its own backbone: --checkpoint and --model-kwargs are for model names "
+                             "(set the config's init_cfg / model.backbone instead)")
+        if config and not Path(args.model).is_file():
+            raise FileNotFoundError(f"config {args.model} does not exist")
+        if pattern:  # every registered tokenzoo model that matches, into the folder --out
+            names = tokenzoo.list_models(args.model)
+            if not names:
+                raise ValueError(f"no tokenzoo model matches {args.model!r}; e.g. '*_small' or 'evit_*'")
+            if args.checkpoint:
+                raise ValueError("--checkpoint names one model's weights; export a pattern with random weights or one "
+                                 "model at a time")
+            if not Path(args.out).is_dir():
+                raise NotADirectoryError(f"--out {args.out} must be an existing folder when MODEL is a pattern")
+            outputs = {name: Path(args.out) / f'{name}.onnx' for name in names}
+        else:
+            if not config:
+                validate_model_name(args.model)
+            outputs = {args.model: Path(args.out)}
+        _check_opset(args.opset)
+        for out in outputs.values():
+            for path in deployment_paths(out, int8, args.fp16).values():
+                check_out_path(path, args.force)
+        if args.images is not None and not Path(args.images).is_dir():
+            raise FileNotFoundError(f"--images {args.images} is not a folder")
+        if config:
+            from tokenzoo.mm import build_backbone  # OpenMMLab: the mm extra
+
+            model = build_backbone(args.model).eval()
+            img_size = tuple(model.img_size)
+        elif not pattern:
+            model = build_model(args.model, img_size=img_size, checkpoint=args.checkpoint, **model_kwargs)
+    weights = args.checkpoint or 'random (no --checkpoint)'
+    failed = []
+    for name, out in tqdm(outputs.items(), desc='models', unit='model', disable=len(outputs) == 1, file=sys.stderr):
+        if pattern:
+            model = build_model(name, img_size=img_size, **model_kwargs)
+        print(f"exporting {name} ({img_size[0]}x{img_size[1]}, opset {args.opset}, "
+              f"{'static [1, 3, H, W]' if args.static else 'dynamic batch'}, weights: {weights})", file=sys.stderr)
+        manifest = export_deployment(model, out, img_size=img_size, static=args.static, optimize=args.optimize,
+                                     int8=int8, fp16=args.fp16, weights=weights, calibration=args.images,
+                                     images=args.images, opset=args.opset, force=args.force)
+        _print_manifest(manifest)
+        if not manifest['parity_ok']:
+            failed.append(name)
+    if failed:
+        print(f"parity FAILED for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -292,3 +292,20 @@ def test_openmmlab_backbone_exports_its_maps(tmp_path):
     outputs = onnx.load(str(tmp_path / 'backbone.onnx')).graph.output
     assert [o.name for o in outputs] == [f'output{i}' for i in range(len(backbone.out_indices))]
     assert manifest['parity_ok'] and manifest['agreement'] == {'int8-dynamic': None}
+
+
+def test_export_cli_writes_every_model_of_a_pattern_with_its_int8_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, '-m', 'tokenzoo.export', 'evit_t*', '--img-size', '64', '--int8', '--model-kwargs',
+            'depth=2', 'reduction_loc=[1]']
+    proc = subprocess.run([*args, '--out', str(tmp_path / 'missing')], cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and 'must be an existing folder' in proc.stderr
+    proc = subprocess.run([*args, '--out', str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    _single_file(tmp_path, ['evit_tiny.onnx', 'evit_tiny.int8.onnx'])
+    assert 'int8-dynamic vs fp32: top-1 agreement' in proc.stdout and 'random (no --checkpoint)' in proc.stdout
