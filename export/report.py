@@ -38,7 +38,7 @@ def variant_table(models: Sequence[dict[str, Any]]) -> list[str]:
 def mobile_table(models: Sequence[dict[str, Any]], execution_providers: Sequence[str]) -> list[str]:
     """One row per model: per execution provider onnxruntime's verdict, the share of nodes it takes and its
     partitions; then the operators none of them would take."""
-    header = ['model', *execution_providers, 'ops a mobile EP would not take']
+    header = ['model', *execution_providers, 'ops one of them would not take']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in models:
         mobile = r['onnx']['mobile']

@@ -36,7 +36,8 @@ def _panels(tool, name: str, blocks) -> list[np.ndarray]:
             tool.draw_attention(p.values[0].numpy(), p.query, image) for p in pictures]
 
 
-@pytest.mark.parametrize('name', FAMILIES)
+@pytest.mark.parametrize('name', [pytest.param(n, marks=[] if n.startswith('evit') else pytest.mark.slow)
+                                  for n in FAMILIES])
 def test_writes_a_png_for_every_family(tool, tmp_path, name):
     out = tmp_path / f'{name}.png'
     assert tool.main([name, '--img-size', str(SIZE), '--blocks', '1', '10', '--out', str(out)]) == 0
