@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RESULTS := results
 
-.PHONY: install demo test model-zoo
+.PHONY: install demo test model-zoo bench-edge bench-server bench-dense
 
 install:
 	bash tools/setup/install.sh
@@ -19,7 +19,25 @@ demo: install
 test: install
 	$(PY) -m pytest tests -q
 
-# Regenerate model_zoo.md from the measurements kept in tools/results/ (copy a new benchmark JSON there first).
-# It replaces the file: model_zoo.md is generated, never hand-edited.
+# Regenerate model_zoo.md and its plots from the measurements kept in tools/results/ (copy a new benchmark JSON there
+# first). It replaces the file: model_zoo.md is generated, never hand-edited.
 model-zoo:
 	$(PY) tools/model_zoo.py tools/results/*.json --out model_zoo.md --force
+
+# The zoo's benchmarks, one command per profile, on a quiet machine (each writes a new JSON into $(RESULTS)/; copy it
+# to tools/results/ and run make model-zoo). SIZE=small by default; random weights (the agreement figures say so).
+# edge: 1 thread, batch 1, every graph variant, mobile check; server: all usable cores, batch 32.
+SIZE ?= small
+bench-edge: install
+	@mkdir -p $(RESULTS)
+	$(PY) tools/benchmark.py --zoo $(SIZE) --profile edge --variants all --mobile \
+		--json $(RESULTS)/edge_$(SIZE)_224_$$(date +%Y%m%d-%H%M%S).json
+bench-server: install
+	@mkdir -p $(RESULTS)
+	$(PY) tools/benchmark.py --zoo $(SIZE) --profile server --variants fp32 int8-static int8-dynamic fp16 \
+		--json $(RESULTS)/server_$(SIZE)_224_$$(date +%Y%m%d-%H%M%S).json
+bench-dense: install
+	@mkdir -p $(RESULTS)
+	$(PY) tools/benchmark.py --dense configs/deit/upernet_deit-small_mln_8xb2-160k_ade20k-512x512.py \
+		$$(ls configs/*/upernet_*-small*_8xb2-160k_ade20k-512x512.py | grep -v '^configs/deit/') \
+		--json $(RESULTS)/dense_upernet_512_$$(date +%Y%m%d-%H%M%S).json

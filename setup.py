@@ -22,7 +22,10 @@ setup(
         # mmcv and mmengine import pkg_resources, gone from setuptools 82.
         "mm": ["mmengine>=0.10.7,<0.11", "mmcv>=2.1.0,<2.2.0", "mmdet>=3.3.0,<3.4", "mmsegmentation>=1.2.2,<1.3",
                "ftfy", "regex", "pycocotools", "setuptools<82"],
-        "export": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript>=0.7", "onnxslim"],
+        # scikit-image: its bundled photographs are the real images for INT8 calibration, agreement figures and
+        # token pictures (no download); matplotlib draws the zoo's plots and the token pictures; tqdm shows progress
+        "export": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript>=0.7", "onnxslim", "scikit-image>=0.25",
+                   "matplotlib", "tqdm"],
         # classification tools: the digits ship inside scikit-learn's wheel; matplotlib draws the trade-off plot
         "cls": ["scikit-learn", "matplotlib", "tqdm"],
         "dev": ["pytest>=8", "pytest-timeout"],

@@ -1,4 +1,5 @@
-"""tokenzoo.export: ONNX export, onnxruntime parity checks and edge latency.
+"""tokenzoo.export: ONNX export (dynamic or static), parity, INT8/FP16 variants and their agreement on real images,
+onnxruntime latency with its protocol, the mobile usability check.
 
 ``import tokenzoo`` never imports this package; the names below load their module (and onnx/onnxruntime, the
 ``export`` extra) on first use, so ``from tokenzoo.export import export_onnx`` works and ``python -m
@@ -13,6 +14,15 @@ _LAZY = {
     'DEFAULT_OPSET': 'onnx_export',
     'PARITY_TOL': 'onnx_export',
     'ort_latency': 'latency',
+    'profile_settings': 'latency',
+    'export_deployment': 'deploy',
+    'quantize_int8': 'quantize',
+    'to_fp16': 'quantize',
+    'agreement': 'verify',
+    'photographs': 'images',
+    'image_folder': 'images',
+    'mobile_usability': 'mobile',
+    'optimize_graph': 'graph',
 }
 
 __all__ = list(_LAZY)

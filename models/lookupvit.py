@@ -113,7 +113,7 @@ from timm.models.vision_transformer import Block, get_init_weights_vit
 from torch import nn
 
 from .layers import TokenRecord
-from .token_vit import TokenVisionTransformer, build_token_vit, deit_weights_cfg
+from .token_vit import TokenPicture, TokenVisionTransformer, build_token_vit, deit_weights_cfg
 
 __all__ = ["BidirectionalCrossAttention", "LookupViT", "LookupViTBlock", "MULTI_RESOLUTION_SIZES",
            "multi_resolution_size"]
@@ -485,6 +485,23 @@ class LookupViT(TokenVisionTransformer):
     @property
     def pools_positions(self) -> bool:
         return False  # every lookup token is kept: the heads average the streams as they are (``forward_head``)
+
+    def token_picture(
+            self, index: int, x_in: torch.Tensor, record_in: TokenRecord, x_out: torch.Tensor,
+            record_out: TokenRecord, query: Tuple[int, int],
+    ) -> TokenPicture:
+        """Block ``index``'s information gathering: the attention (averaged over heads, scaled to a maximum of 1)
+        that the compressed token whose cell holds grid position ``query`` pays to the lookup tokens."""
+        blk = self.blocks[index]
+        grid = record_in.grid
+        compressed_grid = self.compressed_grid(grid)
+        cell = (query[0] * compressed_grid[0] // grid[0], query[1] * compressed_grid[1] // grid[1])
+        _, reused = blk.cross.gather(blk.norm_gather(record_in.side_tokens), blk.norm_lookup(x_in))
+        probs = reused.softmax(dim=-1) if blk.cross.reuse == "softmax" else reused  # (B, h, M, N)
+        attn = probs[:, :, cell[0] * compressed_grid[1] + cell[1]].mean(1)  # (B, N)
+        attn = attn / attn.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
+        return TokenPicture("attention", attn.reshape(-1, *grid),
+                            f"compressed token {cell[0]},{cell[1]} of {compressed_grid[0]}x{compressed_grid[1]}", query)
 
     def _final_features(self, x: torch.Tensor, record: TokenRecord,
                         last_carried: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -27,10 +27,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 __all__ = [
-    'ImgSize', 'build_model', 'check_img_size', 'count_gmacs', 'count_params', 'eager_latency', 'eager_throughput',
-    'eval_mode', 'example_input', 'format_token_counts', 'machine_info', 'peak_memory_mb', 'to_img_size',
-    'token_counts',
-    'validate_model_name',
+    'ImgSize', 'build_model', 'check_img_size', 'count_gmacs', 'count_gmacs_exported', 'count_params',
+    'eager_latency', 'eager_throughput', 'eval_mode', 'example_input', 'format_token_counts', 'machine_info',
+    'peak_memory_mb', 'to_img_size', 'token_counts', 'validate_model_name',
 ]
 
 ImgSize = int | tuple[int, int]
@@ -293,6 +292,28 @@ def count_gmacs(model: nn.Module, img_size: ImgSize = 224, batch: int = 1) -> fl
     x = example_input(model, batch, img_size)
     with eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def count_gmacs_exported(model: nn.Module, img_size: ImgSize = 224) -> float:
+    """GMACs of one batch-1 forward of the program ``torch.export`` captures: what an ONNX export runs.
+
+    A family may take another path in eager PyTorch than in an export (Sparsifiner's eval attention gathers each
+    query's keys, its export computes masked dense attention); latency measured on onnxruntime compares with these.
+
+    Args:
+        model: The model.
+        img_size: Input size, one int or ``(height, width)``.
+
+    Returns:
+        GMACs = FLOPs / 2 / 1e9 of the exported program at batch 1.
+    """
+    img_size = check_img_size(model, img_size)
+    x = example_input(model, 1, img_size)
+    with eval_mode(model):
+        program = torch.export.export(model, (x,), strict=False)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        program.module()(x)
     return counter.get_total_flops() / 2 / 1e9
 
 

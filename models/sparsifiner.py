@@ -100,7 +100,8 @@ from torch import nn
 from .layers import (TokenAttention, TokenRecord, check_reduction_loc, cls_attention, connectivity_index,
                      connectivity_mask, destination_of_kept, gathered_sparse_attention, keep_top_coefficients,
                      keep_topk, masked_sparse_attention, resample_token_projection, sparsify_basis)
-from .token_vit import TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg, to_2tuple_size
+from .token_vit import (TokenPicture, TokenVisionTransformer, build_token_vit, check_one_cls_token, deit_weights_cfg,
+                        to_2tuple_size)
 
 __all__ = [
     "ConnectivityPredictor", "GATHER_MIN_TOKENS", "Sparsifiner", "SparsifinerAttention", "SparsifinerBlock",
@@ -466,6 +467,39 @@ class Sparsifiner(TokenVisionTransformer):
     def _start(self, x: torch.Tensor, track_sources: bool) -> Tuple[torch.Tensor, TokenRecord]:
         # The predictor rows of the tokens left after a removal are found from the sources.
         return super()._start(x, track_sources or self.removes_tokens)
+
+    def token_picture(
+            self, index: int, x_in: torch.Tensor, record_in: TokenRecord, x_out: torch.Tensor,
+            record_out: TokenRecord, query: Tuple[int, int],
+    ) -> TokenPicture:
+        """The keys the query at grid position ``query`` attends to in block ``index``: per grid position, the share
+        of heads whose predicted connectivity selects that key (1: every head). The CLS key is not on the grid."""
+        blk = self.blocks[index]
+        grid = record_in.grid
+        num_grid = grid[0] * grid[1]
+        num_patch = x_in.shape[1] - record_in.num_prefix
+        positions = _patch_positions(record_in, num_patch, num_grid)  # (B, N) grid position of each patch token
+        if positions is None:
+            positions = torch.arange(num_patch, device=x_in.device).expand(x_in.shape[0], -1)
+        q, k, _ = blk.attn._qkv(blk.norm1(x_in))
+        budget = blk.attn.budget(q.shape[2], num_grid + 1)
+        B, H = q.shape[:2]
+        # the query's patch token (rows of the predictor are patch queries in token order), or none if removed
+        position = query[0] * grid[1] + query[1]
+        carrier = (positions == position).float().argmax(dim=1)  # (B,)
+        present = (positions == position).any(dim=1)
+        if budget >= q.shape[2]:  # dense attention: every key
+            share = x_in.new_ones(B, num_patch)
+        else:
+            rows = torch.cat([positions.new_zeros(B, 1), positions + 1], dim=1)
+            coef, basis = blk.attn.mask_predictor(q, k, grid, rows if num_patch < num_grid else None)
+            keys = connectivity_index(coef, basis, budget)  # (B, H, N, budget)
+            keys = keys.gather(2, carrier.view(B, 1, 1, 1).expand(B, H, 1, budget))[:, :, 0]  # (B, H, budget)
+            share = torch.zeros(B, H, num_patch + 1, device=x_in.device).scatter(2, keys, 1.0).mean(1)[:, 1:]
+        share = share * present.view(B, 1)
+        values = x_in.new_zeros(B, num_grid).scatter(1, positions, share.to(x_in.dtype))
+        return TokenPicture("attention", values.reshape(B, *grid),
+                            f"keys of the query (of {q.shape[2]}, {budget} per head)", query)
 
     def forward_train(self, x: torch.Tensor, with_approx: Optional[bool] = None) -> Dict[str, Any]:
         """The student's outputs the training losses take (official ``Sparsifiner.forward`` dictionary).

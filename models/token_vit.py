@@ -19,7 +19,7 @@ A block used with this class implements::
     forward(x: Tensor, record: TokenRecord) -> Tuple[Tensor, TokenRecord]
     num_patch_tokens_out(num_patch_tokens: int, grid: Tuple[int, int]) -> int   # grid: the input's patch grid
 """
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -30,8 +30,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn, feature_take_in
 from .layers import RSchedule, TokenRecord, check_merge_window, reduction_schedule
 
 __all__ = [
-    "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "deit_weights_cfg", "set_merge_schedule",
-    "to_2tuple_size",
+    "TokenPicture", "TokenVisionTransformer", "build_token_vit", "check_one_cls_token", "deit_weights_cfg",
+    "set_merge_schedule", "to_2tuple_size",
 ]
 
 DEIT_FILES = {
@@ -85,6 +85,25 @@ def set_merge_schedule(
     for i, (blk, amount) in enumerate(zip(blocks, amounts)):
         blk.r = amount
         blk.merge_window = merge_window if i == first else None
+
+
+class TokenPicture(NamedTuple):
+    """What one block did to the tokens, on the input's patch grid (``TokenVisionTransformer.token_pictures``).
+
+    Attributes:
+        kind: 'groups': ``values`` (B, H, W) int64, the current token that carries each grid position (the heaviest
+            one where several do), -1 where none does: positions with the same value were merged, fused or clustered
+            into one token, a kept token is a group of one. 'attention': ``values`` (B, H, W) float in [0, 1], how
+            much ``query`` attends to (or selects) each position.
+        values: See ``kind``.
+        label: A short line saying what the picture shows (e.g. '71 patch tokens').
+        query: (row, col) of the query position of an 'attention' picture, None for 'groups'.
+    """
+
+    kind: str
+    values: torch.Tensor
+    label: str
+    query: Optional[Tuple[int, int]] = None
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -321,6 +340,61 @@ class TokenVisionTransformer(VisionTransformer):
         if intermediates_only:
             return maps
         return self._final_features(x, record, last_carried), maps
+
+
+    @torch.no_grad()
+    def token_pictures(
+            self, x: torch.Tensor, indices: Union[int, Sequence[int]], query: Optional[Tuple[int, int]] = None,
+    ) -> List[TokenPicture]:
+        """What the model did to the tokens of images x at the blocks ``indices`` (``tools/visualize_tokens.py``).
+
+        Runs the blocks with sources tracked (the machinery of ``forward_intermediates``) and asks
+        ``token_picture`` at every requested block, so a family describes its pictures by overriding that one method.
+
+        Args:
+            x: Images (B, 3, H, W).
+            indices: Blocks (negative from the end), or an int n for the last n blocks.
+            query: (row, col) of a patch-grid position for families whose picture is an attention (default: the
+                centre of the grid).
+
+        Returns:
+            One picture per requested block, in block order.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.grid_size(tuple(x.shape[-2:]))
+        query = (grid[0] // 2, grid[1] // 2) if query is None else tuple(query)
+        if not (0 <= query[0] < grid[0] and 0 <= query[1] < grid[1]):
+            raise ValueError(f"query {query} is outside the {grid[0]}x{grid[1]} patch grid: allowed rows "
+                             f"0..{grid[0] - 1}, columns 0..{grid[1] - 1}")
+        was_training = self.training
+        self.eval()
+        try:
+            x, record = self._start(x, track_sources=True)
+            pictures = []
+            for i, blk in enumerate(self.blocks[:max_index + 1]):
+                x_in, record_in = x, record
+                x, record = self._run_block(blk, x, record)
+                if i in take_indices:
+                    pictures.append(self.token_picture(i, x_in, record_in, x, record, query))
+        finally:
+            self.train(was_training)
+        return pictures
+
+    def token_picture(
+            self, index: int, x_in: torch.Tensor, record_in: TokenRecord, x_out: torch.Tensor,
+            record_out: TokenRecord, query: Tuple[int, int],
+    ) -> TokenPicture:
+        """The picture of block ``index`` from its input and output tokens and records (see ``token_pictures``).
+
+        This default serves every family that reduces tokens through the record: the groups of grid positions each
+        output token carries (kept, merged, fused, clustered). A family whose work is not a grouping (sparse
+        attention, a second token stream) overrides it.
+        """
+        num_patch = x_out.shape[1] - record_out.num_prefix
+        sources, weights = record_out.sources, record_out.source_weights
+        carrier = sources[..., 0] if weights is None else sources.gather(-1, weights.argmax(-1, keepdim=True))[..., 0]
+        carrier = torch.where(carrier < num_patch, carrier, torch.full_like(carrier, -1))
+        return TokenPicture("groups", carrier.reshape(-1, *record_out.grid), f"{num_patch} patch tokens")
 
 
 def deit_weights_cfg(size: str, paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:

@@ -1,20 +1,27 @@
 """Benchmark timm/tokenzoo models against a base model: params, GMACs, tokens per block, eager PyTorch speed and,
-with --onnx, ONNX parity and onnxruntime edge latency; with --dense, the backbone of OpenMMLab configs as it runs
-inside the detector or segmentor (full-resolution maps at the config's training size).
+with --onnx, ONNX parity and onnxruntime latency of each deployable variant (FP32, FP32 static, INT8 static QDQ /
+dynamic, FP16) with its agreement with FP32 on real images and onnxruntime's mobile usability check; with --dense, the
+backbone of OpenMMLab configs as it runs inside the detector or segmentor (full-resolution maps at the config's
+training size).
 
-A thin command line over ``tokenzoo.profiling`` and ``tokenzoo.export``. Progress goes to stderr, the table to stdout,
-and --json writes every figure with the machine and settings it was measured with (the input of tools/model_zoo.py).
+A thin command line over ``tokenzoo.profiling`` and ``tokenzoo.export``. Progress goes to stderr (tqdm), the table to
+stdout, and --json writes every figure with the machine and settings it was measured with (the input of
+tools/model_zoo.py); a run interrupted with Ctrl-C writes nothing.
+
+Profiles (``--profile``, see ``tokenzoo.export.latency``): ``edge`` = onnxruntime with 1 thread at batch 1 (the
+default), ``server`` = every usable core at batch 32. ``--zoo SIZE`` benchmarks DeiT-SIZE and every registered
+tokenzoo model of that size, so a new family is picked up without editing a list.
 
 Usage::
 
+    python tools/benchmark.py --zoo small --profile edge --variants all --mobile --json tools/results/edge.json
+    python tools/benchmark.py --zoo small --profile server --variants fp32 int8-dynamic --json server.json
     python tools/benchmark.py evit_small deit_small_patch16_224 --onnx --json results/evit_small.json
-    python tools/benchmark.py evit_small evit_tiny --base deit_small_patch16_224 --img-size 224 --batch-size 32
     python tools/benchmark.py --dense configs/deit/upernet_deit-small_mln_8xb2-160k_ade20k-512x512.py \
         configs/evit/upernet_evit-small-kr0.7_mln_8xb2-160k_ade20k-512x512.py --json results/dense_upernet.json
 """
 import argparse
 import datetime
-import functools
 import json
 import sys
 import tempfile
@@ -22,20 +29,31 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
+import tokenzoo
 from tokenzoo.cli import user_errors
+from tokenzoo.export.files import atomic_output
 from tokenzoo.profiling import (
-    build_model, count_gmacs, count_params, dense_table, eager_latency, eager_throughput, format_token_counts,
-    machine_info, peak_memory_mb, to_img_size, token_counts)
+    build_model, count_gmacs, count_gmacs_exported, count_params, dense_table, eager_latency, eager_throughput,
+    format_token_counts, machine_info, peak_memory_mb, to_img_size, token_counts)
 
 PARITY_BATCH_SIZES = (1, 3)  # more than one batch size proves the exported batch axis is dynamic
+# graph variants: (precision, static shape); 'fp32' is the dynamic-batch FP32 graph every other one is made from
+VARIANTS = {
+    'fp32': ('FP32', False),
+    'fp32-static': ('FP32', True),
+    'int8-static': ('INT8 static QDQ', False),
+    'int8-dynamic': ('INT8 dynamic', False),
+    'fp16': ('FP16', False),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description='Measure params, GMACs, token counts, eager PyTorch speed and (with --onnx) ONNX parity and '
                     'onnxruntime latency of timm models, with ratios against a base model.')
-    parser.add_argument('models', nargs='+', metavar='MODEL',
+    parser.add_argument('models', nargs='*', metavar='MODEL',
                         help='timm model names, e.g. evit_small deit_small_patch16_224, or with --dense OpenMMLab '
                              'config files (the first is the base unless --base is given)')
     parser.add_argument('--dense', action='store_true',
@@ -51,12 +69,27 @@ def _parser() -> argparse.ArgumentParser:
                         help='CPU threads for eager PyTorch (torch.set_num_threads) and onnxruntime (intra-op) '
                              '(default: 1, the edge protocol)')
     parser.add_argument('--onnx', action='store_true', help='also export to ONNX, check parity, time onnxruntime')
+    parser.add_argument('--profile', choices=['edge', 'server'],
+                        help='onnxruntime protocol (implies --onnx): edge = 1 thread, batch 1; server = every usable '
+                             'core, batch 32 (sets --threads; eager PyTorch uses the same threads)')
+    parser.add_argument('--variants', nargs='+', metavar='VARIANT',
+                        help=f"graph variants to time (implies --onnx): {', '.join(VARIANTS)} or all (default: fp32); "
+                             "INT8 and FP16 get their agreement with FP32 on real images")
+    parser.add_argument('--optimize', choices=['none', 'onnxslim', 'ort'], default='onnxslim',
+                        help='graph optimizer on the exported graphs (tokenzoo.export.graph; default: onnxslim)')
+    parser.add_argument('--mobile', action='store_true',
+                        help="onnxruntime's mobile usability check (NNAPI, CoreML) of the static FP32 graph (implies "
+                             "--onnx)")
     parser.add_argument('--onnx-dir', type=Path,
-                        help='keep the ONNX files here as MODEL_HxW.onnx (implies --onnx; default: a temporary folder)')
+                        help='keep the ONNX files here as MODEL_HxW[.variant].onnx (implies --onnx; default: a '
+                             'temporary folder)')
     parser.add_argument('--opset', type=int, help='ONNX opset (default: tokenzoo.export.DEFAULT_OPSET)')
     parser.add_argument('--checkpoint', action='append', default=[], metavar='[MODEL=]PATH',
                         help='local weights for MODEL (repeatable); a bare PATH only with a single model. '
                              'Without it weights are random')
+    parser.add_argument('--zoo', metavar='SIZE',
+                        help='benchmark deit_SIZE_patch16_224 (the base) and every tokenzoo model named *_SIZE, e.g. '
+                             'small; MODELs may be omitted')
     parser.add_argument('--json', type=Path, help='write the results here')
     parser.add_argument('--force', action='store_true', help='overwrite an existing --json file and ONNX files')
     return parser
@@ -90,10 +123,20 @@ def _validate(args: argparse.Namespace) -> None:
     for key in ('batch_size', 'iters', 'warmup', 'threads'):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.zoo is not None:
+        if args.dense:
+            raise ValueError("--zoo names classification models; --dense takes config files")
+        family_models = tokenzoo.list_models(f'*_{args.zoo}')
+        if not family_models:
+            raise ValueError(f"--zoo {args.zoo}: no tokenzoo model is named *_{args.zoo}; sizes: tiny, small, base")
+        args.base = args.base or f'deit_{args.zoo}_patch16_224'
+        args.models = [*args.models, *family_models]
+    if not args.models and args.base is None:
+        raise ValueError("name at least one MODEL (or --zoo SIZE)")
     args.base = args.base or args.models[0]
     args.models = list(dict.fromkeys([args.base, *args.models]))  # base first, duplicates dropped
     if args.dense:
-        if args.onnx or args.onnx_dir is not None or args.checkpoint:
+        if args.onnx or args.onnx_dir is not None or args.checkpoint or args.profile or args.variants or args.mobile:
             raise ValueError("--dense times backbones with random weights in PyTorch; --onnx, --onnx-dir and "
                              "--checkpoint are for classification models")
         missing = [c for c in args.models if not Path(c).is_file()]
@@ -108,7 +151,24 @@ def _validate(args: argparse.Namespace) -> None:
     args.checkpoint = _checkpoints(args.checkpoint, args.models)
     if args.json is not None:
         _check_new_file(args.json, args.force)
-    args.onnx = args.onnx or args.onnx_dir is not None
+    args.onnx = args.onnx or args.onnx_dir is not None or bool(args.profile or args.variants or args.mobile)
+    if args.onnx:
+        from tokenzoo.export.latency import profile_settings
+
+        if args.profile is not None:  # the profile decides threads and batch
+            settings = profile_settings(args.profile)
+            args.threads, args.ort_batch_size = settings['threads'], settings['batch_size']
+        else:  # --threads as given, batch 1: the edge protocol when threads is 1
+            args.ort_batch_size = 1
+            args.profile = 'edge' if args.threads == 1 else None
+        variants = args.variants or ['fp32']
+        variants = list(VARIANTS) if 'all' in variants else variants
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--variants {' '.join(unknown)}: not known; allowed: {', '.join(VARIANTS)} or all")
+        if args.profile == 'server':  # a static [1, 3, H, W] graph cannot run a batch of 32
+            variants = [v for v in variants if not VARIANTS[v][1]]
+        args.variants = list(dict.fromkeys(['fp32', *variants]))
     if args.onnx:
         try:  # onnx and onnxruntime are the optional ``export`` extra
             from tokenzoo.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
@@ -120,32 +180,81 @@ def _validate(args: argparse.Namespace) -> None:
     if args.onnx_dir is not None:
         args.onnx_dir.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            _check_new_file(_onnx_path(args.onnx_dir, name, args.img_size), args.force)
+            for variant in args.variants:
+                _check_new_file(_onnx_path(args.onnx_dir, name, args.img_size, variant), args.force)
 
 
-def _onnx_path(folder: Path, name: str, img_size: tuple[int, int]) -> Path:
-    return folder / f'{name}_{img_size[0]}x{img_size[1]}.onnx'
+def _onnx_path(folder: Path, name: str, img_size: tuple[int, int], variant: str = 'fp32') -> Path:
+    suffix = '' if variant == 'fp32' else f'.{variant}'
+    return folder / f'{name}_{img_size[0]}x{img_size[1]}{suffix}.onnx'
 
 
-def _measure_onnx(model: torch.nn.Module, path: Path, args: argparse.Namespace, step: Callable[[str], None]) -> dict:
+def _weights_description(name: str, checkpoint: Path | None) -> str:
+    if checkpoint is not None:
+        return f'{checkpoint.name} (--checkpoint)'
+    return 'random (timm init, no --checkpoint): agreement figures say nothing about trained weights'
+
+
+def _measure_onnx(model: torch.nn.Module, name: str, folder: Path, args: argparse.Namespace,
+                  step: Callable[[str], None]) -> dict:
+    """Export every variant of ``args.variants``, verify it, time it with the profile's protocol."""
     # imported here: onnx/onnxruntime are the optional ``export`` extra, not needed without --onnx
+    from tokenzoo.export.images import model_normalization, photographs
     from tokenzoo.export.latency import ort_latency
     from tokenzoo.export.onnx_export import PARITY_TOL, check_parity, export_onnx
+    from tokenzoo.export.quantize import quantize_int8, to_fp16
+    from tokenzoo.export.verify import agreement
 
-    step(f"exporting ONNX (opset {args.opset})")
-    export_onnx(model, path, img_size=args.img_size, opset=args.opset, force=args.force)
-    step(f"parity vs PyTorch at batch {', '.join(map(str, PARITY_BATCH_SIZES))}")
-    diffs = check_parity(model, path, batch_sizes=PARITY_BATCH_SIZES, img_size=args.img_size)
-    step(f"onnxruntime latency (batch 1, {args.threads} thread(s))")
-    latency = ort_latency(path, batch_size=1, img_size=args.img_size, threads=args.threads, warmup=args.warmup,
-                          runs=args.iters)
-    return dict(
-        path=str(path) if args.onnx_dir is not None else None,  # None: exported to a temporary folder, deleted
-        opset=args.opset,
-        parity_max_abs_diff={str(b): d for b, d in diffs.items()},
-        parity_ok=max(diffs.values()) <= PARITY_TOL,
-        ort_latency=latency,
-    )
+    paths = {v: _onnx_path(folder, name, args.img_size, v) for v in args.variants}
+    weights = _weights_description(name, args.checkpoint.get(name))
+    mean, std = model_normalization(model)
+    images = None
+    result: dict[str, Any] = dict(path=str(paths['fp32']) if args.onnx_dir is not None else None, opset=args.opset,
+                                  optimize=args.optimize, variants={})
+    for variant in args.variants:
+        precision, static = VARIANTS[variant]
+        step(f'{variant}: writing')
+        if precision == 'FP32':
+            export_onnx(model, paths[variant], img_size=args.img_size, opset=args.opset, force=args.force,
+                        static=static, optimize=args.optimize)
+            diffs = check_parity(model, paths[variant], batch_sizes=(1,) if static else PARITY_BATCH_SIZES,
+                                 img_size=args.img_size)
+            entry: dict[str, Any] = dict(parity_max_abs_diff={str(b): d for b, d in diffs.items()},
+                                         parity_ok=max(diffs.values()) <= PARITY_TOL)
+        else:
+            if images is None:
+                images = photographs(args.img_size, 60, mean, std)
+            if precision == 'FP16':
+                to_fp16(paths['fp32'], paths[variant], force=args.force)
+            else:
+                mode = 'static' if variant == 'int8-static' else 'dynamic'
+                calibration = photographs(args.img_size, 32, mean, std, offset=100) if mode == 'static' else None
+                quantize_int8(paths['fp32'], paths[variant], mode, calibration, force=args.force)
+            step(f'{variant}: agreement with FP32 on real images')
+            entry = dict(agreement=agreement(paths['fp32'], paths[variant], images, weights))
+        step(f'{variant}: onnxruntime latency ({args.profile}: batch {1 if static else args.ort_batch_size}, '
+             f'{args.threads} thread(s))')
+        entry['size_mb'] = paths[variant].stat().st_size / 2 ** 20
+        entry['ort_latency'] = ort_latency(
+            paths[variant], batch_size=1 if static else args.ort_batch_size, img_size=args.img_size,
+            threads=args.threads, warmup=args.warmup, runs=args.iters, profile=args.profile,
+            variant=f"{precision}, {'static [1, 3, H, W]' if static else 'dynamic batch'}")
+        result['variants'][variant] = entry
+    if args.mobile:
+        from tokenzoo.export.mobile import mobile_usability
+
+        step("onnxruntime's mobile usability check (static graph)")
+        with tempfile.TemporaryDirectory(prefix='tokenzoo-mobile-') as tmp:
+            static_path = paths.get('fp32-static')
+            if static_path is None:  # not asked for as a variant: checked, not kept
+                static_path = export_onnx(model, Path(tmp) / 'static.onnx', img_size=args.img_size, opset=args.opset,
+                                          static=True, optimize=args.optimize)
+            result['mobile'] = mobile_usability(static_path)
+    fp32 = result['variants']['fp32']
+    # the FP32 figures where earlier results (and tools/model_zoo.py) read them
+    result.update(parity_max_abs_diff=fp32['parity_max_abs_diff'], parity_ok=fp32['parity_ok'],
+                  ort_latency=fp32['ort_latency'])
+    return result
 
 
 def measure_model(name: str, args: argparse.Namespace, onnx_dir: Path | None, step: Callable[[str], None]) -> dict:
@@ -169,7 +278,10 @@ def measure_model(name: str, args: argparse.Namespace, onnx_dir: Path | None, st
     result['eager_throughput_ips'] = eager_throughput(model, args.batch_size, args.img_size, args.warmup, args.iters)
     step('eager latency (batch 1)')
     result['eager_latency_ms'] = eager_latency(model, 1, args.img_size, args.warmup, args.iters)
-    result['onnx'] = _measure_onnx(model, _onnx_path(onnx_dir, name, args.img_size), args, step) if onnx_dir else None
+    if onnx_dir:
+        step('counting GMACs of the exported program')
+        result['gmacs_exported'] = count_gmacs_exported(model, args.img_size)
+    result['onnx'] = _measure_onnx(model, name, onnx_dir, args, step) if onnx_dir else None
     return result
 
 
@@ -219,15 +331,23 @@ def format_dense_report(report: dict) -> str:
 
 
 def add_ratios(results: list[dict], base: str) -> None:
-    """Add ``ratios`` (model / base) to each result: GMACs, eager throughput (speedup) and ORT p50 latency."""
+    """Add ``ratios`` (model / base) to each result: GMACs, eager throughput (speedup), ORT p50 latency of FP32 and
+    of every other variant (``ort_latency_p50_<variant>``: vs the base's same variant) and INT8 vs its own FP32."""
     ref = next(r for r in results if r['name'] == base)
     for r in results:
-        r['ratios'] = dict(
+        ratios: dict[str, float | None] = dict(
             gmacs=r['gmacs'] / ref['gmacs'],
+            gmacs_exported=r['gmacs_exported'] / ref['gmacs_exported'] if 'gmacs_exported' in r else None,
             eager_throughput=r['eager_throughput_ips'] / ref['eager_throughput_ips'],
             ort_latency_p50=r['onnx']['ort_latency']['p50_ms'] / ref['onnx']['ort_latency']['p50_ms']
             if r['onnx'] else None,
         )
+        for variant, entry in (r['onnx'] or {}).get('variants', {}).items():
+            own = entry['ort_latency']['p50_ms']
+            if variant != 'fp32':
+                ratios[f'ort_latency_p50_{variant}'] = own / ref['onnx']['variants'][variant]['ort_latency']['p50_ms']
+                ratios[f'speedup_{variant}_vs_fp32'] = r['onnx']['variants']['fp32']['ort_latency']['p50_ms'] / own
+        r['ratios'] = ratios
 
 
 def format_report(report: dict) -> str:
@@ -242,8 +362,10 @@ def format_report(report: dict) -> str:
         f"latency at batch 1, {s['warmup']} warm-up + {s['iters']} timed",
     ]
     if s['onnx']:
-        lines.append(f"onnxruntime: CPU EP, {s['threads']} intra-op thread(s), 1 inter-op, sequential, ORT_ENABLE_ALL, "
-                     f"opset {s['opset']}, batch 1, {s['warmup']} warm-up + {s['iters']} timed")
+        lines.append(f"onnxruntime ({s.get('profile') or 'custom'} profile): CPU EP, {s['threads']} intra-op "
+                     f"thread(s), 1 inter-op, sequential, ORT_ENABLE_ALL, opset {s['opset']}, batch "
+                     f"{s.get('ort_batch_size', 1)} (static graphs: 1), {s['warmup']} warm-up + {s['iters']} timed, "
+                     f"graph optimizer: {s.get('optimize', 'none')}")
     random = [r['name'] for r in report['models'] if r['weights'] == 'random']
     if random:
         lines.append(f"weights: RANDOM (no --checkpoint) for {', '.join(random)}")
@@ -263,11 +385,20 @@ def format_report(report: dict) -> str:
         rows.append(row)
     lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    if s['onnx']:
+        from tokenzoo.export.report import mobile_table, variant_table
+
+        if len(s.get('variants', ['fp32'])) > 1:
+            lines += ['', *variant_table(report['models'])]
+        mobile = [r for r in report['models'] if r['onnx'].get('mobile')]
+        if mobile:
+            from tokenzoo.export.mobile import EXECUTION_PROVIDERS
+
+            lines += ['', "onnxruntime's mobile usability check (static FP32 graph):", '',
+                      *mobile_table(mobile, EXECUTION_PROVIDERS)]
     return '\n'.join(lines)
 
 
-def _progress(prefix: str, msg: str) -> None:
-    print(f'{prefix}: {msg}', file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,10 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # one protocol for both runtimes; torch's default (all cores) also collapses when the machine is busy
     torch.set_num_threads(args.threads)
     results = []
-    with tempfile.TemporaryDirectory(prefix='tokenzoo-onnx-') as tmp:
+    with tempfile.TemporaryDirectory(prefix='tokenzoo-onnx-') as tmp, \
+            tqdm(args.models, unit='model', file=sys.stderr, dynamic_ncols=True) as bar:
         onnx_dir = (args.onnx_dir or Path(tmp)) if args.onnx else None
-        for i, name in enumerate(args.models, 1):
-            step = functools.partial(_progress, f'[{i}/{len(args.models)}] {name}')
+        for i, name in enumerate(bar, 1):
+            def step(msg: str, prefix: str = f'[{i}/{len(args.models)}] {name}') -> None:
+                bar.set_description_str(f'{prefix}: {msg}')
+
             results.append(measure_backbone(name, args, step) if args.dense else
                            measure_model(name, args, onnx_dir, step))
     (add_dense_ratios if args.dense else add_ratios)(results, args.base)
@@ -297,6 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision='float32', batch_size=args.batch_size,
             iters=args.iters, warmup=args.warmup, threads=args.threads, onnx=args.onnx,
             opset=args.opset if args.onnx else None,
+            profile=args.profile if args.onnx else None,
+            ort_batch_size=args.ort_batch_size if args.onnx else None,
+            variants=args.variants if args.onnx else None,
+            optimize=args.optimize if args.onnx else None,
             eager='PyTorch eager, torch.inference_mode, eval mode, torch.set_num_threads(threads)',
             ort_session='CPUExecutionProvider, intra_op_num_threads=threads, inter_op_num_threads=1, sequential, '
                         'ORT_ENABLE_ALL' if args.onnx else None,
@@ -306,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_dense_report(report) if args.dense else format_report(report))
     if args.json is not None:
         _check_new_file(args.json, args.force)  # again: the file may have appeared during the run
-        args.json.write_text(json.dumps(report, indent=2) + '\n')
+        with atomic_output(args.json, args.force) as tmp:  # written whole or not at all
+            tmp.write_text(json.dumps(report, indent=2) + '\n')
         print(f"wrote {args.json}", file=sys.stderr)
     failed = [r['name'] for r in results if r.get('onnx') and not r['onnx']['parity_ok']]
     if failed:

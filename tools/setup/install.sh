@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv/ in the repository root with the stack of shared/ENVIRONMENT.md and installs tokenzoo into it
-# (editable, with the mm, export and dev extras).
+# (editable, with the mm, export, cls and dev extras).
 #
 # mmcv 2.1.0 has no wheel for torch 2.14, so it is built once from its sdist (C++20, CPU ops only) and the wheel is
 # cached outside the checkout, keyed by the torch version it was built against, so fresh clones and CI reuse it.
@@ -74,12 +74,13 @@ else
   step "reuse cached mmcv wheel from $WHEEL_DIR"
 fi
 
-step "install tokenzoo (editable) with the mm, export and dev extras"
-pip_q -c "$CONSTRAINTS" --find-links "$WHEEL_DIR" -e "$ROOT[mm,export,dev]"
+step "install tokenzoo (editable) with the mm, export, cls and dev extras"
+pip_q -c "$CONSTRAINTS" --find-links "$WHEEL_DIR" -e "$ROOT[mm,export,cls,dev]"
 
 step "check the stack imports"
 "$PY" - <<'PY'
-import mmcv.ops, mmdet, mmseg, onnxruntime, timm, torch, torchvision  # noqa: F401
+import mmcv.ops, mmdet, mmseg, onnxruntime, onnxslim, timm, torch, torchvision  # noqa: F401
+import matplotlib, skimage.data, sklearn.datasets  # noqa: F401
 import tokenzoo  # noqa: F401
 print(f"[setup] torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, "
       f"onnxruntime {onnxruntime.__version__}")
