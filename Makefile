@@ -7,13 +7,13 @@ RESULTS := results
 install:
 	bash tools/setup/install.sh
 
-# Main job: evit_small vs deit_small - params, GMACs, token counts, eager and onnxruntime speed, export parity.
-# DEIT_S=path/to/deit_small_patch16_224-cd65a155.pth loads local DeiT-S weights into both; random weights otherwise
-# (the output says which). Results go to a new file each run.
+# Main job: DeiT-S and every registered small model (a new family is picked up without edits) - params, GMACs, tokens
+# per block, eager PyTorch speed, ONNX export with parity, onnxruntime FP32 and dynamic INT8 latency on the edge
+# profile (1 thread, batch 1) with INT8 agreement. Random weights (no download here; the output says so): with local
+# weights run tools/benchmark.py with --checkpoint MODEL=PATH. Results go to a new file each run.
 demo: install
 	@mkdir -p $(RESULTS)
-	$(PY) tools/benchmark.py deit_small_patch16_224 evit_small --onnx \
-		$(if $(DEIT_S),--checkpoint deit_small_patch16_224=$(DEIT_S) --checkpoint evit_small=$(DEIT_S)) \
+	$(PY) tools/benchmark.py --zoo small --profile edge --variants fp32 int8-dynamic --batch-size 8 --iters 20 \
 		--json $(RESULTS)/demo_$$(date +%Y%m%d-%H%M%S).json
 
 test: install
@@ -24,7 +24,7 @@ test: install
 model-zoo:
 	$(PY) tools/model_zoo.py tools/results/*.json --out model_zoo.md --force
 
-# The zoo's benchmarks, one command per profile, on a quiet machine (each writes a new JSON into $(RESULTS)/; copy it
+# The zoo's benchmarks, one command per profile (bench-dense: UperNet 512 and Mask R-CNN 1024), on a quiet machine (each writes a new JSON into $(RESULTS)/; copy it
 # to tools/results/ and run make model-zoo). SIZE=small by default; random weights (the agreement figures say so).
 # edge: 1 thread, batch 1, every graph variant, mobile check; server: all usable cores, batch 32.
 SIZE ?= small
@@ -40,4 +40,7 @@ bench-dense: install
 	@mkdir -p $(RESULTS)
 	$(PY) tools/benchmark.py --dense configs/deit/upernet_deit-small_mln_8xb2-160k_ade20k-512x512.py \
 		$$(ls configs/*/upernet_*-small*_8xb2-160k_ade20k-512x512.py | grep -v '^configs/deit/') \
-		--json $(RESULTS)/dense_upernet_512_$$(date +%Y%m%d-%H%M%S).json
+		--iters 10 --warmup 2 --json $(RESULTS)/dense_upernet_512_$$(date +%Y%m%d-%H%M%S).json
+	$(PY) tools/benchmark.py --dense configs/deit/mask-rcnn_deit-small_sfp_8xb2-lsj-100e_coco.py \
+		$$(ls configs/*/mask-rcnn_*-small*_8xb2-lsj-100e_coco.py | grep -v '^configs/deit/') \
+		--iters 5 --warmup 1 --json $(RESULTS)/dense_mask-rcnn_1024_$$(date +%Y%m%d-%H%M%S).json

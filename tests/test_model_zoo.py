@@ -32,9 +32,10 @@ def _runs(zoo):
 def test_model_zoo_md_is_what_the_committed_results_render(zoo):
     runs = _runs(zoo)
     kinds = {zoo.classify(run) for _, run in runs}
-    assert {'benchmark', 'dense', 'reported'} <= kinds, 'commit a benchmark, a dense and the reported-accuracy file'
+    assert {'benchmark', 'dense', 'reported', 'tradeoff'} <= kinds, \
+        'commit a benchmark, a dense, a trade-off and the reported-accuracy file'
     links = zoo.plot_links(runs, REPO / 'tools' / 'results', REPO)
-    text = zoo.render(runs, links, zoo.TRADEOFF_SECTION)
+    text = zoo.render(runs, links)
     committed = (REPO / 'model_zoo.md').read_text()
     assert text == committed, 'model_zoo.md is stale: run `make model-zoo` and commit the result'
     for link in links.values():  # every embedded plot is committed beside the results
@@ -48,7 +49,8 @@ def test_make_model_zoo_command_writes_the_same_file(tmp_path):
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     plots = sorted(p.name for p in tmp_path.glob('*.png'))
-    assert plots and all(p.endswith('_latency_vs_gmacs.png') for p in plots)
+    assert plots and all(p.endswith(('_latency_vs_gmacs.png', '_accuracy_vs_cost.png')) for p in plots)
+    assert any(p.endswith('_accuracy_vs_cost.png') for p in plots)
     text = out.read_text()
     # the same tables as the committed file; only the plot paths point to where this run wrote them
     committed = (REPO / 'model_zoo.md').read_text()
@@ -81,19 +83,19 @@ def test_every_measured_figure_of_a_run_reaches_the_page(zoo):
                 assert f"{e['top1']} (reported by the paper)" in text and e['citation'] in text
 
 
-def test_tradeoff_runs_go_through_the_injected_renderer(zoo):
+def test_tradeoff_runs_are_rendered_labelled_with_their_plot(zoo):
     runs = _runs(zoo)
-    tradeoff = {'dataset': 'scikit-learn digits', 'runs': [{'model': 'evit_tiny', 'accuracy': 0.93}]}
-    seen = []
-
-    def section(run):
-        seen.append(run)
-        return ['## Trade-off on scikit-learn digits', '', f"evit_tiny: {run['runs'][0]['accuracy']:.1%}"]
-
-    text = zoo.render([*runs, ('tools/results/tradeoff_digits.json', tradeoff)], tradeoff_section=section)
-    assert seen == [tradeoff] and '## Trade-off on scikit-learn digits' in text and 'evit_tiny: 93.0%' in text
-    unwired = zoo.render([*runs, ('tools/results/tradeoff_digits.json', tradeoff)])
-    assert 'no renderer wired' in unwired and 'scikit-learn digits' in unwired
+    tradeoff = [(source, run) for source, run in runs if zoo.classify(run) == 'tradeoff']
+    links = zoo.plot_links(runs, REPO / 'tools' / 'results', REPO)
+    text = zoo.render(runs, links)
+    for source, run in tradeoff:
+        assert '## Speed/accuracy trade-off, measured on scikit-learn digits with the reference model' in text
+        assert f"`{source}`" in text and f"({links[source]})" in text
+        for point in [run['base'], *run['points']]:
+            assert f"| {point['top1']:.2f} |" in text
+    broken = dict(tradeoff[0][1], kind='benchmark')
+    with pytest.raises(ValueError, match='not a tools/tradeoff.py result'):
+        zoo.render([('tools/results/broken.json', broken)])
 
 
 def test_results_are_rendered_in_name_order_whatever_the_order_given(zoo):

@@ -11,9 +11,9 @@ a test regenerates the file from the committed results and compares. Each JSON f
   and the same plot;
 * accuracy reported by the papers (``"kind": "reported by the paper"``): not measured here, each figure with its
   citation;
-* a trade-off run (a JSON with a ``"dataset"`` key, e.g. ``"scikit-learn digits"``, written by the accuracy tools):
-  rendered by the function given as ``tradeoff_section`` (``run -> list of Markdown lines``), so the accuracy
-  tools own their format; without one, a line says the run is not rendered.
+* a trade-off run (``tools/tradeoff.py --json``: accuracy against cost on scikit-learn digits with the reference
+  model): rendered by ``tokenzoo.classification.tradeoff.tradeoff_section`` (the accuracy tools own their format)
+  and drawn by its ``plot_tradeoff``.
 
 Plots (matplotlib PNGs) are written beside the results (``--plots-dir``, tools/results/ by default) and embedded with
 paths relative to model_zoo.md.
@@ -28,20 +28,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from tokenzoo.classification.tradeoff import check_tradeoff_run, plot_tradeoff, tradeoff_section
 from tokenzoo.cli import user_errors
 from tokenzoo.export.files import atomic_output
 from tokenzoo.export.report import default_int8_variant, mobile_table, variant_table
 from tokenzoo.profiling import dense_table, format_token_counts
 
-__all__ = ['REPORTED', 'TRADEOFF_SECTION', 'TradeoffSection', 'classify', 'load_run', 'plot_links', 'plot_name',
-           'plotted', 'render', 'write_plots']
+__all__ = ['REPORTED', 'classify', 'load_run', 'plot_links', 'plot_name', 'plotted', 'render', 'write_plots']
 
 REPORTED = 'reported by the paper'
-TradeoffSection = Callable[[dict], list[str]]
-# The accuracy tools' renderer of trade-off runs (``tradeoff_section(run) -> list[str]``); None until it is wired.
-TRADEOFF_SECTION: TradeoffSection | None = None
 _MOBILE_EPS = ('NNAPI', 'CoreML NeuralNetwork', 'CoreML MLProgram')  # tokenzoo.export.mobile.EXECUTION_PROVIDERS
 
 _REQUIRED = {
@@ -90,6 +87,7 @@ def load_run(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a JSON object written by tools/benchmark.py")
     kind = classify(run)
     if kind == 'tradeoff':
+        check_tradeoff_run(run, str(path))
         return run
     if kind == 'reported':
         _require(run, 'reported', str(path))
@@ -104,9 +102,11 @@ def load_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def plot_name(source: str) -> str:
-    """File name of the latency-vs-GMACs plot of the run read from ``source``."""
-    return f'{Path(source).stem}_latency_vs_gmacs.png'
+def plot_name(source: str, run: dict) -> str:
+    """File name of the plot of the run read from ``source``: accuracy against cost for a trade-off run, latency
+    ratio against GMACs ratio otherwise."""
+    kind = 'accuracy_vs_cost' if classify(run) == 'tradeoff' else 'latency_vs_gmacs'
+    return f'{Path(source).stem}_{kind}.png'
 
 
 # ------------------------------------------------------------------------------------------------- benchmark runs
@@ -250,19 +250,20 @@ def _plot_points(run: dict) -> list[tuple[str, float, float, float | None]]:
 
 
 def plotted(run: dict) -> bool:
-    """Whether a run gets a plot: a dense run, or a benchmark run that timed onnxruntime."""
+    """Whether a run gets a plot: a dense or trade-off run, or a benchmark run that timed onnxruntime."""
     kind = classify(run)
-    return kind == 'dense' or (kind == 'benchmark' and bool(run['settings']['onnx']))
+    return kind in ('dense', 'tradeoff') or (kind == 'benchmark' and bool(run['settings']['onnx']))
 
 
 def plot_links(runs: Sequence[tuple[str, dict]], folder: Path, root: Path) -> dict[str, str]:
     """Markdown path (relative to ``root``, the folder of model_zoo.md) of each run's plot in ``folder``."""
-    return {source: Path(os.path.relpath((folder / plot_name(source)).resolve(), root.resolve())).as_posix()
+    return {source: Path(os.path.relpath((folder / plot_name(source, run)).resolve(), root.resolve())).as_posix()
             for source, run in runs if plotted(run)}
 
 
 def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Path]:
-    """Write the latency-ratio vs GMACs-ratio plot of every benchmark (with onnxruntime) and dense run.
+    """Write the latency-ratio vs GMACs-ratio plot of every benchmark (with onnxruntime) and dense run, and the
+    accuracy-vs-cost plot of every trade-off run (``plot_tradeoff``).
 
     Each point is a model; the dashed diagonal is the ideal (latency falls exactly with the multiply-adds), the
     dotted line the target of 1.10x the GMACs ratio. Written atomically (a temporary file renamed).
@@ -280,6 +281,12 @@ def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Pat
         if not plotted(run):
             continue
         kind = classify(run)
+        path = folder / plot_name(source, run)
+        if kind == 'tradeoff':
+            with atomic_output(path, force=True) as tmp:
+                plot_tradeoff(run, tmp)
+            written[source] = path
+            continue
         points = _plot_points(run)
         fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=100)
         right = max([1.05, *(p[1] for p in points)]) * 1.1
@@ -303,7 +310,6 @@ def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Pat
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7, loc='lower right')
         ax.grid(alpha=0.3)
-        path = folder / plot_name(source)
         try:
             with atomic_output(path, force=True) as tmp:
                 fig.savefig(tmp, format='png', bbox_inches='tight', metadata={'Software': None})
@@ -317,15 +323,12 @@ def write_plots(runs: Sequence[tuple[str, dict]], folder: Path) -> dict[str, Pat
 def render(
         runs: Sequence[tuple[str, dict]],
         plots: dict[str, str] | None = None,
-        tradeoff_section: TradeoffSection | None = None,
 ) -> str:
     """Render model_zoo.md.
 
     Args:
         runs: ``(source name, run)`` pairs; rendered in source-name order whatever the order given.
         plots: Markdown path of the plot of each source that has one (relative to model_zoo.md).
-        tradeoff_section: Renders a trade-off run (a JSON with a "dataset" key) as Markdown lines; None leaves a line
-            saying it is not rendered.
     """
     runs = sorted(runs, key=lambda pair: pair[0])
     plots = plots or {}
@@ -358,12 +361,9 @@ def render(
                       f"`{Path(run['settings']['base']).name}`", '']
         lines += _dense_section(run, source, plots.get(source))
     for source, run in tradeoff:
-        lines += ['']
-        if tradeoff_section is None:
-            lines.append(f"<!-- trade-off run `{source}` ({run['dataset']}): no renderer wired "
-                         f"(tools/model_zoo.py TRADEOFF_SECTION) -->")
-        else:
-            lines += tradeoff_section(run)
+        lines += ['', *tradeoff_section(run), '', f'Source: `{source}`.']
+        if source in plots:
+            lines += ['', f'![accuracy against GMACs and latency, {run["label"]}]({plots[source]})']
     if reported:
         lines += ['', *_reported_section(reported)]
     return '\n'.join(lines) + '\n'
@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plots_dir is not None:
         write_plots(runs, plots_dir)
         plots = plot_links(runs, plots_dir, args.out.parent if args.out is not None else Path('.'))
-    text = render(runs, plots, TRADEOFF_SECTION)
+    text = render(runs, plots)
     if args.out is None:
         sys.stdout.write(text)
     else:

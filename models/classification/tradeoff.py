@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,8 +33,11 @@ from .data import DIGITS_DATA_CONFIG, build_eval_loader, check_image_folder, loa
 from .engine import RUN_NAME, WEIGHTS_NAME, create_classifier, evaluate
 from .reference import PARAMETER_FREE, REFERENCE_KWARGS, REFERENCE_MODEL
 
-__all__ = ["SWEEPS", "Sweep", "check_tradeoff_run", "measure_point", "plot_tradeoff", "run_tradeoff",
-           "tradeoff_section", "training_cost"]
+if TYPE_CHECKING:  # the export extra; imported where ONNX is measured
+    from tokenzoo.export.images import ImageSet
+
+__all__ = ["SWEEPS", "Sweep", "check_tradeoff_run", "loader_image_set", "measure_point", "plot_tradeoff",
+           "run_tradeoff", "tradeoff_section", "training_cost"]
 
 PathLike = Union[str, Path]
 DATASET = "scikit-learn digits"
@@ -80,9 +83,15 @@ def _sha256(path: Path) -> str:
 def measure_point(
         model: nn.Module, loader: torch.utils.data.DataLoader, img_size: Tuple[int, int], onnx_dir: Optional[Path],
         warmup: int, iters: int, step: Callable[[str], None] = lambda msg: None,
+        int8_images: Optional[Tuple["ImageSet", "ImageSet"]] = None, weights: str = "",
 ) -> Dict[str, Any]:
     """Accuracy and cost of one model: val top-1/top-5, params, GMACs, tokens per block, eager batch-1 latency and
-    (``onnx_dir``) ONNX parity and onnxruntime batch-1 latency."""
+    (``onnx_dir``) ONNX parity and onnxruntime batch-1 latency.
+
+    With ``int8_images`` (agreement images, calibration images) also both INT8 files of ``tokenzoo.export``
+    (dynamic, and static QDQ calibrated on the calibration images): their onnxruntime batch-1 latency and their
+    top-1 agreement / logit cosine with the FP32 file on the agreement images, measured with ``weights`` (the edge
+    issue's INT8 figures on a trained model)."""
     step("validation accuracy")
     metrics = evaluate(model, loader)
     step("GMACs and tokens")
@@ -102,8 +111,32 @@ def measure_point(
         result["onnx"] = dict(parity_max_abs_diff={str(b): d for b, d in diffs.items()},
                               parity_ok=max(diffs.values()) <= PARITY_TOL,
                               ort_latency=ort_latency(path, 1, img_size, threads=1, warmup=warmup, runs=iters))
+        if int8_images is not None:
+            from tokenzoo.export.quantize import INT8_MODES, quantize_int8
+            from tokenzoo.export.verify import agreement
+
+            agreement_images, calibration = int8_images
+            result["onnx"]["int8"] = {}
+            for mode in INT8_MODES:
+                step(f"INT8 {mode}: quantize, agreement with FP32, onnxruntime latency (batch 1)")
+                int8_path = onnx_dir / f"point.int8-{mode}.onnx"
+                quantize_int8(path, int8_path, mode=mode, calibration=calibration if mode == "static" else None,
+                              force=True)
+                result["onnx"]["int8"][mode] = dict(
+                    agreement=agreement(path, int8_path, agreement_images, weights),
+                    ort_latency=ort_latency(int8_path, 1, img_size, threads=1, warmup=warmup, runs=iters))
+                int8_path.unlink()
         path.unlink()
     return result
+
+
+def loader_image_set(loader: torch.utils.data.DataLoader, description: str,
+                     count: Optional[int] = None) -> "ImageSet":
+    """The first ``count`` (default all) images of an eval loader as an ``ImageSet`` (already normalized)."""
+    from tokenzoo.export.images import ImageSet
+
+    images = [image for batch, _ in loader for image in batch][:count]
+    return ImageSet(images, f"{description} ({len(images)} images)")
 
 
 def _finetuned_spec(folder: Path) -> Dict[str, Any]:
@@ -129,6 +162,7 @@ def run_tradeoff(
         values: Optional[Dict[str, Sequence[Any]]] = None,
         finetuned: Sequence[PathLike] = (),
         onnx: bool = True,
+        int8: bool = True,
         warmup: int = 10,
         iters: int = 50,
         cost_batch_size: int = 32,
@@ -145,6 +179,8 @@ def run_tradeoff(
         values: Knob values per family instead of the sweep's (the paper default is marked wherever it is swept).
         finetuned: ``tools/train_cls.py`` output folders to measure beside the sweeps.
         onnx: Export each model and time it on onnxruntime.
+        int8: With ``onnx``, also quantize the base and each paper default (``measure_point``): agreement on the
+            validation split, static calibration on 32 training images spread over the classes.
         warmup, iters: Untimed and timed runs of each latency.
         cost_batch_size, cost_rounds: Batch and rounds of ``training_cost``.
         split: The split evaluated.
@@ -161,13 +197,22 @@ def run_tradeoff(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"weights {str(checkpoint)!r} do not exist")
-    folder = check_image_folder(data_dir, [split])[split]
+    folders = check_image_folder(data_dir, ["train", split])
+    folder = folders[split]
     specs = [_finetuned_spec(Path(f)) for f in finetuned]
     img_size = tuple(DIGITS_DATA_CONFIG["input_size"][1:])
     loader = build_eval_loader(load_split(folder, DIGITS_DATA_CONFIG, is_training=False), batch_size=64)
 
     def build(name: str, weights: Path, **kwargs: Any) -> nn.Module:
         return create_classifier(name, checkpoint=weights, **dict(REFERENCE_KWARGS, **kwargs)).eval()
+
+    int8_images = None
+    if onnx and int8:
+        train = load_split(folders["train"], DIGITS_DATA_CONFIG, is_training=False)
+        spread = torch.utils.data.Subset(train, range(0, len(train), max(1, len(train) // 32)))
+        int8_images = (loader_image_set(loader, f"{DATASET}, {split} split"),
+                       loader_image_set(build_eval_loader(spread, batch_size=64), f"{DATASET}, train split", 32))
+        weights_description = f"the digits reference model ({checkpoint.name})"
 
     plan: List[Tuple[Dict[str, Any], Callable[[], nn.Module]]] = [(
         dict(family="deit", label="base", model=REFERENCE_MODEL, kwargs={}, knob=None, value=None,
@@ -195,8 +240,11 @@ def run_tradeoff(
         for i, (meta, make) in enumerate(plan, 1):
             prefix = f"[{i}/{len(plan)}] {meta['model']} {meta['label']}"
             model = make()
+            quantize = int8_images is not None and meta["paper_default"] and not meta["training"]
             point = dict(meta, **measure_point(model, loader, img_size, Path(tmp) if onnx else None, warmup, iters,
-                                               lambda msg, p=prefix: progress(f"{p}: {msg}")))
+                                               lambda msg, p=prefix: progress(f"{p}: {msg}"),
+                                               int8_images if quantize else None,
+                                               weights_description if quantize else ""))
             points.append(point)
     base = points[0]
     for point in points:
@@ -206,6 +254,10 @@ def run_tradeoff(
             eager_latency_p50=point["eager_latency_ms"]["p50_ms"] / base["eager_latency_ms"]["p50_ms"],
             ort_latency_p50=point["onnx"]["ort_latency"]["p50_ms"] / base["onnx"]["ort_latency"]["p50_ms"]
             if onnx else None)
+        for mode, q in ((point.get("onnx") or {}).get("int8") or {}).items():
+            q["speedup_vs_fp32"] = point["onnx"]["ort_latency"]["p50_ms"] / q["ort_latency"]["p50_ms"]
+            q["latency_ratio_vs_base_int8"] = (q["ort_latency"]["p50_ms"]
+                                               / base["onnx"]["int8"][mode]["ort_latency"]["p50_ms"])
 
     progress("training cost: train step vs inference forward, interleaved rounds")
     defaults = {"deit": lambda: build(REFERENCE_MODEL, checkpoint)}
@@ -347,6 +399,27 @@ def tradeoff_section(run: Dict[str, Any]) -> List[str]:
             f"{point['eager_latency_ms']['p50_ms']:.2f} | {'n/a' if ort is None else f'{ort:.2f}'} | "
             f"{'n/a' if ort is None else format(point['ratios']['ort_latency_p50'], '.3f')} | "
             f"{format_token_counts(point['tokens_per_block'])} |")
+    quantized = [p for p in [base, *run["points"]] if (p.get("onnx") or {}).get("int8")]
+    if quantized:
+        agreement = quantized[0]["onnx"]["int8"]["dynamic"]["agreement"]
+        lines += [
+            "",
+            f"INT8 (onnxruntime quantization, `tokenzoo.export`) of the base and each paper default: top-1 agreement "
+            f"and mean logit cosine with the FP32 file on {agreement['images']}, weights: {agreement['weights']}; "
+            f"latency batch 1, 1 thread; speed-up = FP32 p50 / INT8 p50; ratio = INT8 p50 / the base's INT8 p50 in "
+            f"the same mode:",
+            "",
+            "| family | setting | GMACs vs base | INT8 mode | top-1 agreement (%) | mean cosine | INT8 p50 (ms) | "
+            "speed-up vs FP32 | INT8 ratio vs base INT8 |",
+            "|" + "---|" * 9,
+        ]
+        for point in quantized:
+            for mode, q in point["onnx"]["int8"].items():
+                lines.append(
+                    f"| {point['family']} | {_setting(point)} | {point['ratios']['gmacs']:.3f} | {mode} | "
+                    f"{100 * q['agreement']['top1_agreement']:.2f} | {q['agreement']['mean_cosine']:.5f} | "
+                    f"{q['ort_latency']['p50_ms']:.2f} | {q['speedup_vs_fp32']:.2f}x | "
+                    f"{q['latency_ratio_vs_base_int8']:.3f} |")
     cost = run.get("training_cost")
     if cost:
         lines += [
@@ -405,6 +478,6 @@ def plot_tradeoff(run: Dict[str, Any], path: PathLike) -> Path:
     fig.suptitle(f"Speed/accuracy trade-off, {LABEL} (not ImageNet); ring: paper default", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
