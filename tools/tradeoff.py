@@ -1,9 +1,9 @@
 """Measure the speed/accuracy trade-off of the parameter-free families on the digits reference model.
 
     python tools/make_digits.py data/digits
-    python tools/tradeoff.py --data-dir data/digits --json tools/results/digits/tradeoff.json \
-        --plot tools/results/digits/tradeoff.png \
+    python tools/tradeoff.py --data-dir data/digits --json tools/results/tradeoff_digits.json \
         --finetuned work_dirs/digits_evit_warmup work_dirs/digits_mctf_consistency
+    make model-zoo     # renders the committed run in model_zoo.md, with its plot
 
 For the base and each family's knob sweep (EViT keep rate, ToMe r, MCTF r, MCTF-Fast r, Expedit clusters), all on
 the committed reference weights and training-free: validation top-1 / top-5, GMACs, tokens per block, eager PyTorch

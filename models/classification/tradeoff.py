@@ -197,7 +197,7 @@ def run_tradeoff(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"weights {str(checkpoint)!r} do not exist")
-    folders = check_image_folder(data_dir, ["train", split])
+    folders = check_image_folder(data_dir, ["train", split] if onnx and int8 else [split])  # train: calibration
     folder = folders[split]
     specs = [_finetuned_spec(Path(f)) for f in finetuned]
     img_size = tuple(DIGITS_DATA_CONFIG["input_size"][1:])
