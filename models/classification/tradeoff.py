@@ -207,12 +207,12 @@ def run_tradeoff(
         return create_classifier(name, checkpoint=weights, **dict(REFERENCE_KWARGS, **kwargs)).eval()
 
     int8_images = None
+    weights_description = f"the digits reference model ({checkpoint.name})"
     if onnx and int8:
         train = load_split(folders["train"], DIGITS_DATA_CONFIG, is_training=False)
         spread = torch.utils.data.Subset(train, range(0, len(train), max(1, len(train) // 32)))
         int8_images = (loader_image_set(loader, f"{DATASET}, {split} split"),
                        loader_image_set(build_eval_loader(spread, batch_size=64), f"{DATASET}, train split", 32))
-        weights_description = f"the digits reference model ({checkpoint.name})"
 
     plan: List[Tuple[Dict[str, Any], Callable[[], nn.Module]]] = [(
         dict(family="deit", label="base", model=REFERENCE_MODEL, kwargs={}, knob=None, value=None,
